@@ -1,0 +1,169 @@
+"""Config models, one per stage, loaded from TOML or YAML and overridable from the CLI.
+
+Every model forbids unknown keys, so a typo fails at start-up, before any model is
+loaded. ``load_config`` turns every problem into a ``ConfigError`` that names the
+file, the key path and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.llm.base import GenParams
+
+SPEC_KINDS = ("hf", "openai", "vllm", "scripted")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message says where and what was expected."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BackendConfig(Strict):
+    """Which model to talk to, and how. Only the fields of the chosen kind are used."""
+
+    spec: str = Field(
+        "hf:embedded",
+        description="hf:embedded | hf:/path/or/hub-id | openai:http://host:port/v1#model | vllm:model | scripted",
+    )
+    batch_size: int = Field(64, ge=1, description="hf/vllm: requests per forward batch")
+    device: str = Field("auto", description="hf: auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="hf/vllm: auto = bfloat16 on a GPU, float32 on the CPU"
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: the environment variable holding the key (the key is never stored)"
+    )
+    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds before one request is abandoned")
+    max_retries: int = Field(5, ge=0, description="openai: retries on 429, 5xx and connection errors")
+    backoff_s: float = Field(0.5, ge=0, description="openai: first retry delay; doubles each retry, with jitter")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
+
+    @field_validator("spec")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        kind = v.split(":", 1)[0]
+        if kind not in SPEC_KINDS:
+            raise ValueError(f"backend spec must start with one of {', '.join(SPEC_KINDS)} (e.g. hf:embedded), got {v!r}")
+        if kind == "openai" and "#" not in v:
+            raise ValueError(f"openai spec needs the model after '#': openai:http://127.0.0.1:8000/v1#model, got {v!r}")
+        if kind in ("hf", "vllm") and not v.split(":", 1)[1:]:
+            raise ValueError(f"{kind} spec needs a model: {kind}:embedded or {kind}:/path/or/hub-id, got {v!r}")
+        return v
+
+
+class GenerateConfig(Strict):
+    """The `generate` stage: answer seed-task instructions with the model (the smallest useful job)."""
+
+    seeds: list[Path] = Field([Path("seeds/seed_tasks.jsonl")], description="seed task files (Self-Instruct JSONL)")
+    limit: int | None = Field(8, ge=1, description="use only the first N seed tasks (None: all)")
+    params: GenParams = Field(GenParams(max_tokens=96), description="sampling settings")
+
+
+STAGES = ("generate",)
+
+
+class RunConfig(Strict):
+    """One run: where it writes, which model it uses, which stages it runs."""
+
+    name: str = Field("demo", description="run folder name under output_dir")
+    output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
+    backend: BackendConfig = BackendConfig()
+    stages: list[Literal["generate"]] = Field(["generate"], description="stages to run, in order")
+    generate: GenerateConfig = GenerateConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not RUN_NAME.match(v) or v in (".", ".."):
+            raise ValueError("run name must be 1-100 letters, digits, '.', '_' or '-', not starting with '.' (no paths)")
+        return v
+
+    @model_validator(mode="after")
+    def _stages_once(self) -> "RunConfig":
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages must not repeat, got {self.stages}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.name
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read as UTF-8 text: {e}") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)  # data only: never constructs Python objects
+        else:
+            raise ConfigError(f"{path}: expected a .toml, .yaml or .yml file")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override; the value is read as a YAML scalar or list."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. generate.limit=4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot read the value: {e}") from None
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; every failure is a ``ConfigError``."""
+    data = _read(Path(path)) if path is not None else {}
+    for item in overrides:
+        apply_override(data, item)
+    source = str(path) if path is not None else "(defaults)"
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+            lines.append(f"  {_where(err['loc'])}: {msg}{got}")
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

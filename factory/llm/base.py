@@ -1,0 +1,100 @@
+"""The backend protocol: the two batched calls every stage uses to talk to a model.
+
+A request is a chat conversation: a list of ``{"role": ..., "content": ...}`` messages.
+Every backend takes a *batch* of requests per call; batching is where the speed is
+(the embedded model makes ~15 tokens/s for one sequence and ~140 tokens/s for 64).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Message = dict[str, str]
+Messages = list[Message]
+
+
+class BackendError(RuntimeError):
+    """A model call failed for good (after retries, or for a reason retrying cannot fix)."""
+
+
+class GenParams(BaseModel):
+    """Sampling settings for one ``generate`` call."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(1, ge=1, description="completions per request")
+    temperature: float = Field(0.7, ge=0.0, description="0 means greedy decoding")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(256, ge=1, description="new tokens per completion")
+    stop: tuple[str, ...] = Field((), description="the text is cut before the first of these")
+    seed: int | None = Field(None, description="sampling seed; same seed and batch give the same text")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+
+class Completion(BaseModel):
+    """One sampled reply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    """``stop``: the model ended or hit a stop string; ``length``: cut by ``max_tokens``."""
+    tokens: int = 0
+    """new tokens generated (0 where the backend does not say)."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every stage needs from a model. Implementations: hf, openai, vllm, scripted."""
+
+    model_id: str
+    """a stable name of the model actually used, recorded in manifests and records."""
+
+    def generate(self, requests: Sequence[Messages], params: GenParams) -> list[list[Completion]]:
+        """``params.n`` completions for each request, in request order."""
+        ...
+
+    def option_logprobs(self, requests: Sequence[Messages], options: Sequence[str]) -> list[dict[str, float]]:
+        """For each request, the log-probability of each option as the start of the
+        assistant's reply, normalised over the pool (``logsumexp`` of the values is 0)."""
+        ...
+
+    def close(self) -> None:
+        """Free what the backend holds (a model, a connection pool, a server process)."""
+        ...
+
+
+def check_options(options: Sequence[str]) -> list[str]:
+    """Refuse a pool of options that cannot be scored: empty, blank or repeated strings."""
+    opts = list(options)
+    if len(opts) < 2:
+        raise ValueError(f"option_logprobs needs at least two options, got {opts!r}")
+    if any(not o.strip() for o in opts):
+        raise ValueError(f"options must be non-blank strings, got {opts!r}")
+    if len(set(opts)) != len(opts):
+        raise ValueError(f"options must be distinct, got {opts!r}")
+    return opts
+
+
+def normalise(scores: dict[str, float]) -> dict[str, float]:
+    """Log-softmax over the pool: turn raw sequence log-probabilities into a distribution."""
+    top = max(scores.values())
+    if top == -math.inf:
+        raise BackendError("every option has probability zero")
+    total = top + math.log(sum(math.exp(v - top) for v in scores.values()))
+    return {k: v - total for k, v in scores.items()}
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop string; say whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
