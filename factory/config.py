@@ -164,6 +164,6 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            got = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {err.get('input')!r})"
+            got = "" if err["type"] in ("extra_forbidden", "missing", "value_error") else f" (got {err.get('input')!r})"
             lines.append(f"  {_where(err['loc'])}: {msg}{got}")
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

@@ -7,13 +7,17 @@ the HTTP client cost nothing to a user who does not pick them.
 
 from __future__ import annotations
 
-from factory.config import BackendConfig
+from typing import TYPE_CHECKING
+
 from factory.llm.base import Backend, BackendError, Completion, GenParams, Messages
+
+if TYPE_CHECKING:  # config imports base.py from this package; a runtime import would loop
+    from factory.config import BackendConfig
 
 __all__ = ["Backend", "BackendError", "Completion", "GenParams", "Messages", "load_backend"]
 
 
-def load_backend(cfg: BackendConfig) -> Backend:
+def load_backend(cfg: "BackendConfig") -> Backend:
     kind, _, rest = cfg.spec.partition(":")
     if kind == "hf":
         from factory.llm.hf import HFBackend

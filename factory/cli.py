@@ -1,0 +1,152 @@
+"""The ``factory`` command: one thin command per stage, plus run and setup helpers.
+
+User errors (bad config, missing file, unreachable server) exit with code 2 and a
+one-paragraph message naming the file, key or server; never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from factory import __version__
+from factory.config import ConfigError, RunConfig, load_config
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+def user_errors(fn):
+    """Turn the errors a user can fix into a clean message and exit code 2."""
+    from factory.llm.base import BackendError
+    from factory.seeds import SeedError
+    from factory.store import StoreError
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, SeedError, StoreError, BackendError, FileNotFoundError) as e:
+            raise UserError(str(e)) from None
+
+    return wrapper
+
+
+config_arg = click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+set_opt = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set generate.limit=4 (repeatable; VALUE is read as YAML).",
+)
+backend_opt = click.option(
+    "--backend",
+    metavar="SPEC",
+    help="Model backend, overriding backend.spec: hf:embedded, hf:/path, openai:URL#model, vllm:model.",
+)
+name_opt = click.option("--name", metavar="RUN", help="Run folder name under output_dir (overrides name).")
+
+
+def _load(config: Path | None, overrides: tuple[str, ...], backend: str | None, name: str | None = None) -> RunConfig:
+    extra = list(overrides)
+    if backend:
+        extra.append(f"backend.spec={json.dumps(backend)}")
+    if name:
+        extra.append(f"name={json.dumps(name)}")
+    return load_config(config, extra)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="factory")
+def cli():
+    """Turn seed tasks and principle files into instruction data, preference pairs
+    and a trained model, with no human labels.
+
+    Every stage reads and writes JSONL in one run folder, outputs/<run>/, and can be
+    killed and restarted at any point without losing or repeating work. Start with
+    `factory run configs/demo.toml`.
+    """
+
+
+@cli.command()
+@config_arg
+@set_opt
+@backend_opt
+@name_opt
+@click.option("--show", default=3, show_default=True, help="Print this many generated samples at the end.")
+@user_errors
+def run(config, overrides, backend, name, show):
+    """Run the stages CONFIG names (TOML or YAML), in order, in one run folder.
+
+    Rerunning a finished or interrupted run does only the missing work.
+    """
+    from factory.pipeline import run_stages
+
+    cfg = _load(config, overrides, backend, name)
+    summaries = run_stages(cfg, echo=click.echo)
+    if show and any(s.stage == "generate" for s in summaries):
+        _show_generations(cfg, show)
+    click.echo(f"run folder: {cfg.run_dir}")
+
+
+@cli.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help="Run config (TOML or YAML).")
+@set_opt
+@backend_opt
+@name_opt
+@user_errors
+def generate(config, overrides, backend, name):
+    """Answer seed-task instructions with the model; writes generations.jsonl.
+
+    Settings come from the [generate] table of --config (defaults without one).
+    """
+    from factory.pipeline import run_stages
+
+    cfg = _load(config, overrides, backend, name).model_copy(update={"stages": ["generate"]})
+    run_stages(cfg, echo=click.echo)
+
+
+@cli.command()
+@config_arg
+@set_opt
+@backend_opt
+@name_opt
+@user_errors
+def config(config, overrides, backend, name):
+    """Validate CONFIG and print it resolved, with every default filled in, as JSON."""
+    cfg = _load(config, overrides, backend, name)
+    click.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+
+
+@cli.command()
+@user_errors
+def prepare():
+    """Convert the embedded model (SmolLM2-135M-Instruct) once into the cache; print its folder.
+
+    The cache is $FACTORY_CACHE, else ~/.cache/factory. Later loads take about a second.
+    """
+    from factory.llm.embedded import embedded_model_dir
+
+    click.echo(str(embedded_model_dir()))
+
+
+def _show_generations(cfg: RunConfig, count: int) -> None:
+    from factory.generate import OUTPUT
+    from factory.records import Generation
+    from factory.store import Store
+
+    records = Store(cfg.run_dir / OUTPUT, Generation).records()
+    for rec in list(records)[:count]:
+        click.echo("")
+        click.secho(f"[{rec.task_id}] {rec.messages[-1]['content']}", bold=True)
+        click.echo(rec.text)
+    click.echo("")
+
+
+def main():
+    cli(prog_name="factory")

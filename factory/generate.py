@@ -1,0 +1,74 @@
+"""The `generate` stage: answer seed-task instructions with the chosen model.
+
+The smallest useful job, and the template every stage follows: build work items,
+key each one by its inputs and the settings that shape its output, skip the keys
+already written, call the backend in batches, append each batch as it comes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from factory.config import RunConfig
+from factory.llm.base import Backend
+from factory.records import Generation, work_key
+from factory.seeds import load_seeds, task_prompt
+from factory.store import Store
+
+OUTPUT = "generations.jsonl"
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    total: int
+    skipped: int
+    written: int
+    output: Path
+
+    def line(self) -> str:
+        return f"{self.stage}: {self.written} written, {self.skipped} already done, {self.total} in all -> {self.output}"
+
+
+def run_generate(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+    gen = cfg.generate
+    tasks = [t for path in gen.seeds for t in load_seeds(path)]
+    if gen.limit is not None:
+        tasks = tasks[: gen.limit]
+    settings = {"model": backend.model_id, "params": gen.params.model_dump(mode="json")}
+    # One work item per (task, sample): with n > 1 each sample resumes on its own.
+    items = []
+    for task in tasks:
+        messages = [{"role": "user", "content": task_prompt(task)}]
+        for sample in range(gen.params.n):
+            key = work_key({"messages": messages, "sample": sample}, settings)
+            items.append((key, task, messages))
+    store = Store(run_dir / OUTPUT, Generation)
+    done = store.done_keys()
+    # Samples of one task stay together so a request asks for all its missing samples at once.
+    todo = [it for it in items if it[0] not in done]
+    params_one = gen.params.model_copy(update={"n": 1})
+    written = 0
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="item") as bar:
+        for start in range(0, len(todo), cfg.backend.batch_size):
+            batch = todo[start : start + cfg.backend.batch_size]
+            # Each sample is its own request (n=1): a half-done task asks only for what is missing.
+            completions = backend.generate([m for _, _, m in batch], params_one)
+            records = [
+                Generation(
+                    key=key,
+                    task_id=task.id,
+                    messages=messages,
+                    text=c[0].text,
+                    finish_reason=c[0].finish_reason,
+                    model=backend.model_id,
+                    params=settings["params"],
+                )
+                for (key, task, messages), c in zip(batch, completions)
+            ]
+            written += store.append(records)
+            bar.update(len(batch))
+    return StageSummary("generate", len(items), len(items) - len(todo), written, store.path)

@@ -1,0 +1,73 @@
+"""``manifest.json``: what made a run folder, so any record can be traced to its source.
+
+It records the resolved config, the package and library versions, the model ids
+and a sha256 of every input file. Each invocation rewrites it atomically; the
+earlier invocations stay listed under ``history`` by time and config hash.
+API keys never reach it: the config holds only the *name* of the key's variable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import factory
+from factory.config import RunConfig
+
+NAME = "manifest.json"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "factory": factory.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def write_manifest(run_dir: Path, cfg: RunConfig, backend: dict[str, Any], inputs: Iterable[Path]) -> dict[str, Any]:
+    config = cfg.model_dump(mode="json")
+    config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    path = run_dir / NAME
+    history: list[dict[str, str]] = []
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            history = old.get("history", []) + [{"created": old["created"], "config_hash": old["config_hash"]}]
+        except (ValueError, KeyError, TypeError):
+            pass  # an unreadable old manifest is replaced, not trusted
+    manifest = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config_hash": config_hash,
+        "config": config,
+        "versions": _versions(),
+        "backend": backend,
+        "inputs": {str(p): file_sha256(p) for p in sorted(set(inputs))},
+        "history": history,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{NAME}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # readers see the old manifest or the new one, never half of one
+    return manifest
