@@ -1,0 +1,280 @@
+"""OpenAI-compatible HTTP backend: vLLM serve, llama.cpp server, TGI, hosted APIs.
+
+Every conversation is one ``POST {base_url}/chat/completions``; a thread pool keeps
+up to ``max_concurrency`` of them in flight, because the server batches what arrives
+together and HTTP round-trips are mostly waiting. Servers differ in what they honour,
+so the client makes up for the common gaps: it tops up when fewer than ``n`` choices
+come back, and cuts at stop strings itself when the server returns them in the text.
+
+The API key is read once from the named environment variable and only ever sent
+in the ``Authorization`` header: it is kept out of ``model_id``, ``repr``, logs and
+error messages (redacted even if a server echoes it back).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+import httpx
+
+from factory.llm.base import BackendError, Completion, GenParams, Messages, check_options, cut_at_stop, normalise
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MAX_RETRY_AFTER_S = 120.0
+"""a server's Retry-After is obeyed up to this; a bogus huge value must not stall a run for hours."""
+TOP_LOGPROBS = 20  # the most the OpenAI API allows; vLLM accepts it too
+NO_LOGPROBS_HINT = (
+    "this server does not return logprobs / top_logprobs; the judge and classifier need them "
+    "— use a server that does, e.g. vLLM serve, or the hf backend"
+)
+
+
+def is_retryable_status(status: int) -> bool:
+    """429 (rate limit) and 5xx (overload, restart, crash) may pass; other 4xx will not change on retry."""
+    return status == 429 or 500 <= status <= 599
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, retry_after: str | None = None) -> float:
+    """Seconds to wait before retry number ``attempt + 1``.
+
+    The server's ``Retry-After`` (in seconds) wins when given. Otherwise "full jitter"
+    (uniform in ``[0, min(cap, base * 2**attempt)]``), so that many clients that failed
+    together do not come back together.
+    """
+    if retry_after is not None:
+        try:
+            seconds = float(retry_after)
+        except ValueError:  # an HTTP-date: rare enough to fall back to our own schedule
+            seconds = math.nan
+        if math.isfinite(seconds) and seconds >= 0:
+            return min(seconds, MAX_RETRY_AFTER_S)
+    return random.uniform(0.0, min(cap_s, base_s * 2**attempt))
+
+
+def score_options(top_logprobs: Sequence[dict[str, Any]], options: Sequence[str]) -> dict[str, float]:
+    """Normalised log-probabilities of ``options`` from the first generated position's top tokens.
+
+    Over HTTP we see only the top-20 first tokens, not the probability of a whole option,
+    so this is an approximation, exact when every option is a single token that appears
+    in the top list:
+
+    - a top token ``t`` counts towards option ``o`` when ``t.strip()`` is non-empty and
+      ``o`` starts with it (``" A"`` and ``"A"`` both count for ``"A"``; ``"Ye"`` for ``"Yes"``);
+    - a token that could start two options cannot be assigned, so it is an error: the
+      options must differ in their first token;
+    - an option no top token matches gets an even share of the probability mass left
+      outside the top list (at least 1e-12): it is somewhere in the tail, we do not know where.
+    """
+    prob = dict.fromkeys(options, 0.0)
+    seen = 0.0
+    for entry in top_logprobs:
+        try:
+            token, p = str(entry["token"]), math.exp(float(entry["logprob"]))
+        except (KeyError, TypeError, ValueError):
+            expected = "{'token': str, 'logprob': float}"
+            raise BackendError(f"malformed top_logprobs entry {entry!r}: expected {expected}") from None
+        seen += p
+        stem = token.strip()
+        if not stem:
+            continue
+        hits = [o for o in options if o.startswith(stem)]
+        if len(hits) > 1:
+            raise BackendError(
+                f"the token {token!r} starts options {hits}: over HTTP only the first token is scored, "
+                "so the options must differ in their first token (e.g. 'A'/'B', 'Yes'/'No')"
+            )
+        if hits:
+            prob[hits[0]] += p
+    unmatched = [o for o, p in prob.items() if p == 0.0]
+    if unmatched:
+        share = max((1.0 - seen) / len(unmatched), 1e-12)
+        prob.update(dict.fromkeys(unmatched, share))
+    return normalise({o: math.log(p) for o, p in prob.items()})
+
+
+class OpenAIBackend:
+    """Chat completions from an OpenAI-compatible server at ``base_url`` (usually ending in ``/v1``).
+
+    ``api_key_env`` names the variable holding the key (read once, here; absent means no
+    ``Authorization`` header). ``timeout_s`` bounds each phase of one request (connect,
+    send, wait for the reply), which for a non-streamed reply is about the whole request.
+    A failed request is retried up to ``max_retries`` times, waiting ``backoff_s * 2**attempt``
+    with full jitter, at most ``max_backoff_s``, or what the server's ``Retry-After`` says.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 8,
+        timeout_s: float = 120.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.model_id = f"openai:{self.base_url}#{model}"
+        self.url = f"{self.base_url}/chat/completions"
+        self.api_key_env = api_key_env
+        self.max_concurrency = max_concurrency
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._key = os.environ.get(api_key_env) or None  # private: never printed, see _redact
+        headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+
+    def __repr__(self) -> str:
+        key = f"key from ${self.api_key_env}" if self._key else f"no key (${self.api_key_env} unset)"
+        return f"OpenAIBackend({self.base_url!r}, model={self.model!r}, {key})"
+
+    # ---- the protocol ----
+
+    def generate(self, requests: Sequence[Messages], params: GenParams) -> list[list[Completion]]:
+        return self._map(lambda messages: self._complete(messages, params), requests)
+
+    def option_logprobs(self, requests: Sequence[Messages], options: Sequence[str]) -> list[dict[str, float]]:
+        """Scores from the first token's ``top_logprobs``; see ``score_options`` for the approximation."""
+        opts = check_options(options)
+        return self._map(lambda messages: score_options(self._first_top_logprobs(messages), opts), requests)
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ---- one conversation ----
+
+    def _complete(self, messages: Messages, params: GenParams) -> list[Completion]:
+        out: list[Completion] = []
+        while len(out) < params.n:
+            payload: dict[str, Any] = {
+                "messages": messages,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "max_tokens": params.max_tokens,
+                "n": params.n - len(out),
+            }
+            if params.stop:
+                payload["stop"] = list(params.stop)
+            if params.seed is not None:
+                # A top-up with the same seed would replay the samples we already have.
+                payload["seed"] = params.seed + len(out)
+            reply = self._post(payload)
+            choices = reply["choices"][: params.n - len(out)]
+            completion_tokens = (reply.get("usage") or {}).get("completion_tokens")
+            for choice in choices:
+                text, cut = cut_at_stop((choice.get("message") or {}).get("content") or "", params.stop)
+                length = choice.get("finish_reason") == "length" and not cut
+                # usage counts every choice of the reply together; an even split is the best we know.
+                tokens = completion_tokens // len(reply["choices"]) if isinstance(completion_tokens, int) else 0
+                out.append(Completion(text=text, finish_reason="length" if length else "stop", tokens=tokens))
+        return out
+
+    def _first_top_logprobs(self, messages: Messages) -> list[dict[str, Any]]:
+        payload = {
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": TOP_LOGPROBS,
+        }
+        choice = self._post(payload)["choices"][0]
+        content = (choice.get("logprobs") or {}).get("content") or []
+        # Servers such as `transformers serve` accept the fields and silently drop them.
+        if not content or not content[0].get("top_logprobs"):
+            raise BackendError(f"{self.url} (model {self.model!r}): {NO_LOGPROBS_HINT}")
+        return content[0]["top_logprobs"]
+
+    # ---- HTTP ----
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """POST one chat completion, retrying what a retry can fix; return the parsed reply."""
+        if self.model:  # some servers serve one model and accept requests that name none
+            payload = {"model": self.model, **payload}
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            retry_after = None
+            try:
+                resp = self._client.post(self.url, json=payload)
+            except (httpx.TransportError, httpx.DecodingError) as e:
+                if isinstance(e, httpx.UnsupportedProtocol):
+                    raise BackendError(self._redact(f"{self.url}: {e}")) from None
+                failure = f"{type(e).__name__}: {str(e) or 'no detail'}"
+            else:
+                if resp.is_success:
+                    reply, failure = _parse_reply(resp)
+                    if reply is not None:
+                        return reply
+                elif is_retryable_status(resp.status_code):
+                    failure, retry_after = _describe(resp), resp.headers.get("retry-after")
+                else:
+                    raise BackendError(self._redact(self._refusal(resp)))
+            if attempt + 1 < attempts:
+                delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
+                note = f"{self.url}: attempt {attempt + 1}/{attempts} failed ({failure}); retrying in {delay:.1f}s"
+                log.warning(self._redact(note))
+                time.sleep(delay)
+        gave_up = f"{self.url} (model {self.model!r}): gave up after {attempts} attempts; last failure: {failure}"
+        raise BackendError(self._redact(gave_up))
+
+    def _refusal(self, resp: httpx.Response) -> str:
+        hint = {
+            401: f"check the API key in ${self.api_key_env}",
+            403: f"check the API key in ${self.api_key_env}",
+            404: "check the base URL (usually ending in /v1) and the model name",
+        }.get(resp.status_code, "check the request settings and the model name")
+        return f"{self.url} (model {self.model!r}) refused the request, not retried: {_describe(resp)}; {hint}"
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "<redacted>") if self._key else text
+
+    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        """``fn`` over ``items`` with at most ``max_concurrency`` in flight, results in order."""
+        if not items:
+            return []
+        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
+            futures = [pool.submit(fn, item) for item in items]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:
+                for f in futures:  # fail fast: do not start requests whose batch is lost anyway
+                    f.cancel()
+                raise
+
+
+def _parse_reply(resp: httpx.Response) -> tuple[dict[str, Any] | None, str]:
+    """The JSON reply, or None and why it is unusable (a torn or odd body is worth a retry)."""
+    try:
+        reply = resp.json()
+    except ValueError as e:
+        return None, f"HTTP {resp.status_code} with a body that is not JSON ({e}): {_excerpt(resp.text)}"
+    if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
+        return None, f"HTTP {resp.status_code} with no choices in the reply: {_excerpt(resp.text)}"
+    if not all(isinstance(c, dict) for c in reply["choices"]):
+        return None, f"HTTP {resp.status_code} with malformed choices: {_excerpt(resp.text)}"
+    return reply, ""
+
+
+def _describe(resp: httpx.Response) -> str:
+    return f"HTTP {resp.status_code}: {_excerpt(resp.text)}"
+
+
+def _excerpt(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"

@@ -1,0 +1,93 @@
+"""Pydantic models of every record on disk, and the work-item key that makes resume work.
+
+Seed tasks are inputs a user writes by hand; every other model here is a stage's
+output, one JSON object per line, and derives from ``Record``: it carries the key of
+the work item that produced it, so a resumed stage can skip what is already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+KEY_HEX_CHARS = 24
+"""96 bits: collisions stay negligible for billions of items, and keys stay readable."""
+
+
+def work_key(inputs: Any, settings: Any) -> str:
+    """The key of one work item: a hash of its inputs and of the stage settings that affect it.
+
+    Canonical JSON (sorted keys, no whitespace, UTF-8) makes the key independent of dict
+    order and of the process that computes it; Python's ``hash()`` is salted per process.
+    """
+    blob = json.dumps(
+        {"inputs": inputs, "settings": settings},
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,  # NaN is not JSON; a key that other tools cannot reproduce is no key
+        default=_jsonable,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:KEY_HEX_CHARS]
+
+
+def _jsonable(obj: Any) -> Any:
+    # json.dumps calls this only for what it cannot encode itself, nested models included.
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    raise TypeError(f"work_key: cannot hash a {type(obj).__name__} ({obj!r}); pass JSON data or pydantic models")
+
+
+# --- inputs: the Self-Instruct seed schema (https://github.com/yizhongw/self-instruct) ---
+
+
+class Instance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: str
+    output: str
+
+
+class SeedTask(BaseModel):
+    """One line of a seed file, e.g. ``seed_tasks.jsonl`` from the Self-Instruct repository."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    name: str
+    instruction: str
+    instances: list[Instance]
+    is_classification: bool
+
+
+# --- stage outputs ---
+
+
+class Record(BaseModel):
+    """What every stage writes: the key of its work item, and any parse failure.
+
+    A reply that cannot be parsed is kept with its raw text and ``parse_error`` set, so
+    it is counted and reported instead of silently vanishing (or being asked again).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str
+    parse_error: str | None = None
+
+
+class Generation(Record):
+    """The ``generate`` stage: one reply of the model to one seed task's instruction."""
+
+    task_id: str
+    messages: list[dict[str, str]]
+    """the chat request exactly as sent"""
+    text: str
+    finish_reason: Literal["stop", "length"]
+    model: str
+    """the backend's ``model_id``"""
+    params: dict[str, Any]
+    """the sampling settings used (``GenParams`` dumped)"""

@@ -1,0 +1,150 @@
+"""Shared fixtures. ``ServeProcess`` runs a real OpenAI-compatible server (``transformers serve``)
+on the embedded model, for the HTTP backend's integration tests and anyone else who needs one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (another process could take it; good enough on loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``transformers serve`` pinned to one model folder on 127.0.0.1, startable, killable and
+    restartable on the same port (to test clients through a server crash).
+
+    The server only accepts requests that name the pinned model exactly (the folder path as
+    given) or no model at all, and replies with ``"<path>@main"`` as the model.
+    """
+
+    def __init__(
+        self, model_dir: Path | str, port: int | None = None, threads: int = 1, startup_timeout_s: float = 120.0
+    ):
+        self.model = str(model_dir)
+        self.port = port or free_port()
+        # One torch thread: on 2 shared cores, 2 threads that wait on each other while a test
+        # process (or a neighbour) holds a core made generation ~4x slower than one thread.
+        self.threads = threads
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+        # Output goes to a file, not a pipe: a pipe nobody reads fills up and blocks the server.
+        fd, log_path = tempfile.mkstemp(prefix=f"transformers-serve-{self.port}-", suffix=".log")
+        os.close(fd)
+        self.log_path = Path(log_path)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "ServeProcess":
+        """Start the server and wait until ``/health`` answers; fail with its log tail if it does not."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"server on port {self.port} is already running (pid {self.proc.pid})")
+        cli = Path(sys.executable).with_name("transformers")  # the console script of this venv
+        cmd = [str(cli), "serve", self.model, "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--device", "cpu", "--log-level", "warning"]
+        env = os.environ | {
+            "HF_HUB_OFFLINE": "1",  # never reach for the network
+            "TRANSFORMERS_OFFLINE": "1",
+            "OMP_NUM_THREADS": str(self.threads),
+        }
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with code {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        late = f"transformers serve did not answer /health within {self.startup_timeout_s:.0f}s"
+        raise RuntimeError(f"{late}:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash: no graceful shutdown, in-flight requests are torn."""
+        self._signal(signal.SIGKILL, wait_s=30.0)
+
+    def stop(self) -> None:
+        """Graceful stop (SIGTERM), then SIGKILL if it lingers."""
+        if not self._signal(signal.SIGTERM, wait_s=10.0):
+            self.kill()
+
+    def restart(self) -> "ServeProcess":
+        self.kill()
+        return self.start()
+
+    def _signal(self, sig: int, wait_s: float) -> bool:
+        """Send ``sig`` to the server's process group; say whether it has exited."""
+        if self.proc is None or self.proc.poll() is not None:
+            return True
+        try:
+            os.killpg(self.proc.pid, sig)  # its own session: the group is the server and nothing else
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=wait_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def log_tail(self, chars: int = 4000) -> str:
+        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        return text[-chars:]
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The converted embedded model folder (cached after the first conversion, ~1 s)."""
+    from factory.llm.embedded import embedded_model_dir
+
+    # No skip when it is missing: `make test` installs it, and a skip would hide a broken setup.
+    return embedded_model_dir(progress=False)
+
+
+@pytest.fixture(scope="session")
+def serve(embedded_dir: Path):
+    """One ``transformers serve`` on the embedded model, shared by the whole session."""
+    server = ServeProcess(embedded_dir).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def make_server(embedded_dir: Path):
+    """Start extra ``transformers serve`` processes of one's own (e.g. to kill them); all stop at teardown."""
+    started: list[ServeProcess] = []
+
+    def make(**kwargs) -> ServeProcess:
+        server = ServeProcess(embedded_dir, **kwargs)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
+            server.log_path.unlink(missing_ok=True)
