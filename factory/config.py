@@ -59,7 +59,7 @@ class BackendConfig(Strict):
             raise ValueError(f"backend spec must start with one of {', '.join(SPEC_KINDS)} (e.g. hf:embedded), got {v!r}")
         if kind == "openai" and "#" not in v:
             raise ValueError(f"openai spec needs the model after '#': openai:http://127.0.0.1:8000/v1#model, got {v!r}")
-        if kind in ("hf", "vllm") and not v.split(":", 1)[1:]:
+        if kind in ("hf", "vllm") and not v.partition(":")[2]:
             raise ValueError(f"{kind} spec needs a model: {kind}:embedded or {kind}:/path/or/hub-id, got {v!r}")
         return v
 
@@ -136,6 +136,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: cannot read the value: {e}") from None
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # `hf:` reads as a YAML mapping; a table must be written in braces
     parts = key.strip().split(".")
     node = data
     for p in parts[:-1]:

@@ -10,6 +10,7 @@ from factory.generate import StageSummary, run_generate
 from factory.llm import load_backend
 from factory.llm.base import Backend
 from factory.manifest import write_manifest
+from factory.seeds import load_seeds
 
 StageFn = Callable[[RunConfig, Backend, Path], StageSummary]
 STAGE_FNS: dict[str, StageFn] = {"generate": run_generate}
@@ -24,10 +25,13 @@ def input_files(cfg: RunConfig) -> list[Path]:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail before a model is loaded when an input file is missing."""
+    """Fail before a model is loaded when an input file is missing or malformed."""
     for path in input_files(cfg):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: input file not found (named in the config)")
+    if "generate" in cfg.stages:
+        for path in cfg.generate.seeds:
+            load_seeds(path)
 
 
 def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[str], None] = print) -> list[StageSummary]:

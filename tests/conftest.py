@@ -148,3 +148,13 @@ def make_server(embedded_dir: Path):
         for server in started:
             server.stop()
             server.log_path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def hf_embedded():
+    """The hf backend on the real embedded model, loaded once for the session."""
+    from factory.llm.hf import HFBackend
+
+    backend = HFBackend("embedded", device="cpu", batch_size=16)
+    yield backend
+    backend.close()

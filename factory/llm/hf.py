@@ -9,6 +9,7 @@ logits of the option tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -39,6 +40,8 @@ class HFBackend:
         else:
             path = model
             self.model_id = f"hf:{model}"
+            if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+                raise BackendError(f"hf backend: no model folder at {model}")
         self.device = _resolve_device(device)
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"

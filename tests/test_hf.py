@@ -1,0 +1,114 @@
+"""The hf backend on the real embedded model (SmolLM2-135M-Instruct, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from factory.llm.base import Backend, GenParams, normalise
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["Name three colours.", "What is 2 + 2? Answer briefly.", "Write one sentence about cats and the rain."]
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_is_a_backend(hf_embedded):
+    assert isinstance(hf_embedded, Backend)
+    assert hf_embedded.model_id.startswith("hf:embedded/SmolLM2-135M-Instruct-")
+
+
+def test_encode_uses_chat_template_without_doubled_bos(hf_embedded):
+    ids = hf_embedded.encode(chat("Hello"))
+    text = hf_embedded.tokenizer.decode(ids)
+    assert text.endswith("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    assert text.count("<|im_start|>") == 3  # default system turn, user turn, assistant prompt
+
+
+def test_batched_greedy_equals_one_at_a_time(hf_embedded):
+    params = GenParams(temperature=0.0, max_tokens=20)
+    batched = hf_embedded.generate([chat(q) for q in QUESTIONS], params)
+    single = [hf_embedded.generate([chat(q)], params)[0] for q in QUESTIONS]
+    assert [len(b) for b in batched] == [1, 1, 1]
+    # Left padding with correct masks must not change what the model says.
+    assert [b[0].text for b in batched] == [s[0].text for s in single]
+    for (c,) in batched:
+        assert c.text.strip()
+        assert 0 < c.tokens <= 20
+        assert c.finish_reason == ("length" if c.tokens == 20 else "stop")
+
+
+def test_length_limit_reports_length(hf_embedded):
+    (c,), = hf_embedded.generate([chat("Write a long story about a dragon who learns to bake.")], GenParams(temperature=0, max_tokens=5))
+    assert c.finish_reason == "length"
+    assert c.tokens == 5
+
+
+def test_sampling_n_and_seed(hf_embedded):
+    params = GenParams(temperature=1.0, max_tokens=12, n=3, seed=7)
+    first = hf_embedded.generate([chat(q) for q in QUESTIONS[:2]], params)
+    again = hf_embedded.generate([chat(q) for q in QUESTIONS[:2]], params)
+    assert [len(r) for r in first] == [3, 3]
+    assert [[c.text for c in r] for r in first] == [[c.text for c in r] for r in again]
+    assert len({c.text for c in first[1]}) > 1, "three samples at temperature 1 should not all agree"
+
+
+def test_stop_strings_cut_the_text(hf_embedded):
+    (c,), = hf_embedded.generate([chat("List five fruits, one per line.")], GenParams(temperature=0, max_tokens=40, stop=("\n",)))
+    assert "\n" not in c.text and c.text.strip()
+    assert c.finish_reason == "stop"
+
+
+def brute_force(backend, messages, options):
+    """Each option scored alone, unpadded, by a plain forward pass over prompt + option."""
+    prompt = backend.encode(messages)
+    raw = {}
+    for o in options:
+        ids = backend.tokenizer(o, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = backend.model(torch.tensor([prompt + ids])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        raw[o] = sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(ids))
+    return normalise(raw)
+
+
+def test_option_logprobs_match_brute_force_with_multi_token_options(hf_embedded):
+    options = ["Yes", "No", "Not sure at all"]
+    assert len(hf_embedded.tokenizer("Not sure at all", add_special_tokens=False)["input_ids"]) > 1
+    requests = [chat(q + " Answer yes or no.") for q in QUESTIONS]
+    got = hf_embedded.option_logprobs(requests, options)
+    for messages, row in zip(requests, got):
+        assert set(row) == set(options)
+        assert math.isclose(sum(math.exp(v) for v in row.values()), 1.0, rel_tol=1e-9)
+        want = brute_force(hf_embedded, messages, options)
+        for o in options:
+            assert row[o] == pytest.approx(want[o], abs=1e-4)
+
+
+def test_option_logprobs_order_and_batching_do_not_matter(hf_embedded):
+    requests = [chat(q) for q in QUESTIONS]
+    together = hf_embedded.option_logprobs(requests, ["A", "B", "C"])
+    alone = [hf_embedded.option_logprobs([r], ["C", "A", "B"])[0] for r in requests]
+    for t, a in zip(together, alone):
+        for o in "ABC":
+            assert t[o] == pytest.approx(a[o], abs=1e-4)
+
+
+def test_option_logprobs_follow_the_content(hf_embedded):
+    # The same pool, two prompts that each point at one option: the scores must follow the prompt.
+    requests = [chat("What is the capital of France? Answer with one word."),
+                chat("What is the capital of England? Answer with one word.")]
+    france, england = hf_embedded.option_logprobs(requests, ["Paris", "London"])
+    assert france["Paris"] > france["London"]
+    assert england["London"] > england["Paris"]
+
+
+@pytest.mark.parametrize("bad", [["A"], ["A", "A"], ["A", " "], []])
+def test_option_pool_is_validated(hf_embedded, bad):
+    with pytest.raises(ValueError):
+        hf_embedded.option_logprobs([chat("Hi")], bad)
