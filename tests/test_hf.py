@@ -112,3 +112,24 @@ def test_option_logprobs_follow_the_content(hf_embedded):
 def test_option_pool_is_validated(hf_embedded, bad):
     with pytest.raises(ValueError):
         hf_embedded.option_logprobs([chat("Hi")], bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_agrees_with_cpu(hf_embedded):
+    from factory.llm.hf import HFBackend
+
+    gpu = HFBackend("embedded", device="cuda", dtype="float32")
+    try:
+        assert gpu.device.type == "cuda" and gpu.info["dtype"] == "float32"
+        requests = [chat(q) for q in QUESTIONS]
+        cpu_scores = hf_embedded.option_logprobs(requests, ["Yes", "No", "Not sure at all"])
+        gpu_scores = gpu.option_logprobs(requests, ["Yes", "No", "Not sure at all"])
+        for c, g in zip(cpu_scores, gpu_scores):
+            for o in c:
+                assert g[o] == pytest.approx(c[o], abs=1e-3)
+        out = gpu.generate(requests, GenParams(temperature=0.0, max_tokens=8))
+        assert all(r[0].text.strip() for r in out)
+        assert HFBackend("embedded", device="cuda").info["dtype"] == "bfloat16"  # auto on a GPU
+    finally:
+        gpu.close()
