@@ -18,16 +18,9 @@ from typing import Any, Iterable
 
 import factory
 from factory.config import RunConfig
+from factory.records import file_sha256
 
 NAME = "manifest.json"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _versions() -> dict[str, str]:

