@@ -94,21 +94,51 @@ def run(config, overrides, backend, name, show):
     click.echo(f"run folder: {cfg.run_dir}")
 
 
-@cli.command()
-@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help="Run config (TOML or YAML).")
-@set_opt
-@backend_opt
-@name_opt
-@user_errors
-def generate(config, overrides, backend, name):
+def stage_command(stage: str, doc: str):
+    """A thin command that runs one stage with the settings of --config (defaults without one)."""
+
+    @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help="Run config (TOML or YAML).")
+    @set_opt
+    @backend_opt
+    @name_opt
+    @user_errors
+    def command(config, overrides, backend, name):
+        from factory.pipeline import run_stages
+
+        cfg = _load(config, overrides, backend, name).model_copy(update={"stages": [stage]})
+        run_stages(cfg, echo=click.echo)
+
+    command.__doc__ = doc
+    return cli.command(name=stage)(command)
+
+
+stage_command(
+    "generate",
     """Answer seed-task instructions with the model; writes generations.jsonl.
 
     Settings come from the [generate] table of --config (defaults without one).
-    """
-    from factory.pipeline import run_stages
+    """,
+)
+stage_command(
+    "bootstrap",
+    """Grow new instructions from the seed tasks (Self-Instruct); writes instructions.jsonl.
 
-    cfg = _load(config, overrides, backend, name).model_copy(update={"stages": ["generate"]})
-    run_stages(cfg, echo=click.echo)
+    Each request shows the model a numbered list of pool instructions (seeds and
+    machine-made ones) and lets it continue the list. Candidates are filtered by
+    length, blacklisted words and bad starts, then by ROUGE-L similarity to every
+    pool instruction; survivors join the pool. Stops at [bootstrap] target.
+    Every request and every candidate's verdict is kept in bootstrap_requests.jsonl.
+    """,
+)
+stage_command(
+    "instances",
+    """Write inputs and outputs for each new instruction; writes tasks.jsonl.
+
+    Decides per instruction whether it is a classification task (the probability
+    of Yes over No), then writes instances output-first for classification tasks
+    and input-first for the rest, and filters them. Settings: [instances].
+    """,
+)
 
 
 @cli.command()

@@ -72,7 +72,48 @@ class GenerateConfig(Strict):
     params: GenParams = Field(GenParams(max_tokens=96), description="sampling settings")
 
 
-STAGES = ("generate",)
+DEFAULT_BLACKLIST = [
+    "image", "images", "picture", "pictures", "photo", "photos", "graph", "graphs", "diagram", "diagrams",
+    "file", "files", "map", "maps", "draw", "drawing", "plot", "plotting", "audio", "video", "videos",
+]  # tasks a text-only model cannot do
+
+
+class BootstrapConfig(Strict):
+    """The `bootstrap` stage: grow a pool of new instructions from the seeds (Self-Instruct)."""
+
+    seeds: list[Path] = Field([Path("seeds/seed_tasks.jsonl")], description="seed task files (Self-Instruct JSONL)")
+    target: int = Field(100, ge=1, description="stop once this many new instructions are accepted")
+    max_requests: int | None = Field(None, ge=1, description="give up after this many requests (None: 20 x target)")
+    requests_per_batch: int = Field(16, ge=1, description="prompts generated together; the pool grows between batches")
+    human_examples: int = Field(6, ge=0, description="seed instructions shown in each prompt")
+    machine_examples: int = Field(2, ge=0, description="machine-made instructions shown (seeds fill in while there are too few)")
+    min_words: int = Field(4, ge=1, description="reject instructions with fewer words")
+    max_words: int = Field(150, ge=1, description="reject instructions with more words")
+    blacklist: list[str] = Field(DEFAULT_BLACKLIST, description="reject instructions with any of these words (whole words, any case)")
+    rouge_threshold: float = Field(0.7, gt=0, le=1, description="reject when ROUGE-L F1 with any pool instruction exceeds this")
+    seed: int = Field(0, description="sampling seed for the prompts' examples and the model")
+    params: GenParams = Field(GenParams(temperature=0.7, top_p=0.95, max_tokens=200), description="sampling settings")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "BootstrapConfig":
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
+        if self.human_examples + self.machine_examples == 0:
+            raise ValueError("human_examples + machine_examples must be at least 1")
+        return self
+
+
+class InstancesConfig(Strict):
+    """The `instances` stage: decide whether each instruction is classification, then write instances."""
+
+    max_instances: int = Field(5, ge=1, description="keep at most this many instances per task")
+    classification_threshold: float = Field(0.5, gt=0, lt=1, description="p(Yes) at or above which a task is classification")
+    few_shot: int = Field(2, ge=0, description="seed tasks shown as worked examples in each prompt")
+    seed: int = Field(0, description="sampling seed for the examples and the model")
+    params: GenParams = Field(GenParams(temperature=0.7, top_p=0.95, max_tokens=256), description="sampling settings")
+
+
+STAGES = ("generate", "bootstrap", "instances")
 
 
 class RunConfig(Strict):
@@ -81,8 +122,10 @@ class RunConfig(Strict):
     name: str = Field("demo", description="run folder name under output_dir")
     output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
     backend: BackendConfig = BackendConfig()
-    stages: list[Literal["generate"]] = Field(["generate"], description="stages to run, in order")
+    stages: list[Literal["generate", "bootstrap", "instances"]] = Field(["generate"], description="stages to run, in order")
     generate: GenerateConfig = GenerateConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+    instances: InstancesConfig = InstancesConfig()
 
     @field_validator("name")
     @classmethod

@@ -7,7 +7,6 @@ already written, call the backend in batches, append each batch as it comes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -17,20 +16,9 @@ from factory.llm.base import Backend
 from factory.records import Generation, work_key
 from factory.seeds import load_seeds, task_prompt
 from factory.store import Store
+from factory.summary import StageSummary
 
 OUTPUT = "generations.jsonl"
-
-
-@dataclass
-class StageSummary:
-    stage: str
-    total: int
-    skipped: int
-    written: int
-    output: Path
-
-    def line(self) -> str:
-        return f"{self.stage}: {self.written} written, {self.skipped} already done, {self.total} in all -> {self.output}"
 
 
 def run_generate(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:

@@ -6,14 +6,17 @@ from pathlib import Path
 from typing import Callable
 
 from factory.config import RunConfig
-from factory.generate import StageSummary, run_generate
+from factory.bootstrap import run_bootstrap
+from factory.generate import run_generate
+from factory.instances import run_instances
 from factory.llm import load_backend
 from factory.llm.base import Backend
 from factory.manifest import write_manifest
 from factory.seeds import load_seeds
+from factory.summary import StageSummary
 
 StageFn = Callable[[RunConfig, Backend, Path], StageSummary]
-STAGE_FNS: dict[str, StageFn] = {"generate": run_generate}
+STAGE_FNS: dict[str, StageFn] = {"generate": run_generate, "bootstrap": run_bootstrap, "instances": run_instances}
 
 
 def input_files(cfg: RunConfig) -> list[Path]:
@@ -21,6 +24,8 @@ def input_files(cfg: RunConfig) -> list[Path]:
     files: list[Path] = []
     if "generate" in cfg.stages:
         files += cfg.generate.seeds
+    if "bootstrap" in cfg.stages or "instances" in cfg.stages:
+        files += cfg.bootstrap.seeds  # instances take their worked examples from the seeds too
     return files
 
 
@@ -29,9 +34,11 @@ def check_inputs(cfg: RunConfig) -> None:
     for path in input_files(cfg):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: input file not found (named in the config)")
-    if "generate" in cfg.stages:
-        for path in cfg.generate.seeds:
-            load_seeds(path)
+    for path in dict.fromkeys(input_files(cfg)):
+        load_seeds(path)  # every input file so far is a seed file
+    made_here = cfg.run_dir / "instructions.jsonl"
+    if "instances" in cfg.stages and "bootstrap" not in cfg.stages and not made_here.is_file():
+        raise FileNotFoundError(f"{made_here}: no instructions to write instances for; run the bootstrap stage first")
 
 
 def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[str], None] = print) -> list[StageSummary]:

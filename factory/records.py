@@ -101,3 +101,76 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# -- bootstrap ---------------------------------------------------------------------------------
+
+
+class Similar(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instruction: str
+    score: float
+    """ROUGE-L F1"""
+
+
+class Candidate(BaseModel):
+    """One item parsed from a bootstrap reply, and what the filters made of it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    verdict: str
+    """``accepted``, or the reason it was refused (``too_short``, ``near_duplicate``, ...)"""
+    duplicate_of: str | None = None
+    """for ``near_duplicate``: the pool instruction it is too close to"""
+    score: float | None = None
+    """for ``near_duplicate``: the ROUGE-L F1 with ``duplicate_of``"""
+    most_similar: list[Similar] = []
+    """for ``accepted``: the ten closest pool instructions at the time"""
+    avg_similarity: float | None = None
+    """for ``accepted``: mean ROUGE-L F1 against the whole pool at the time"""
+
+
+class BootstrapRequest(Record):
+    """One model request of the bootstrap loop: the source of truth the pool is rebuilt from."""
+
+    index: int
+    messages: list[dict[str, str]]
+    shown: list[str]
+    """the pool instructions shown in the prompt, in their numbered order"""
+    reply: str
+    finish_reason: Literal["stop", "length"]
+    candidates: list[Candidate]
+    model: str
+
+
+class Instruction(Record):
+    """An accepted machine-made instruction (``instructions.jsonl``)."""
+
+    instruction: str
+    request_id: str
+    """key of the ``BootstrapRequest`` whose reply held it"""
+    reply: str
+    """that request's raw reply"""
+    most_similar: list[Similar]
+    avg_similarity: float
+    model: str
+
+
+class Task(Record):
+    """An instruction with the instances written for it (``tasks.jsonl``)."""
+
+    instruction_key: str
+    instruction: str
+    is_classification: bool
+    p_classification: float
+    """the model's probability that this is a classification task (Yes vs No)"""
+    instances: list[Instance]
+    reply: str
+    finish_reason: Literal["stop", "length"]
+    rejected: dict[str, int] = {}
+    """instances parsed but refused, by reason"""
+    dropped: str | None = None
+    """why the task has no instances (``conflicting_outputs``, ``no_instances``), if it has none"""
+    model: str

@@ -1,6 +1,8 @@
 """The backend protocol: the two batched calls every stage uses to talk to a model.
 
 A request is a chat conversation: a list of ``{"role": ..., "content": ...}`` messages.
+When its last message is the assistant's, the model *continues* that message (a
+prefill): Self-Instruct's list prompts and fixed answer formats rely on it.
 Every backend takes a *batch* of requests per call; batching is where the speed is
 (the embedded model makes ~15 tokens/s for one sequence and ~140 tokens/s for 64).
 """
@@ -71,6 +73,15 @@ class Backend(Protocol):
     def close(self) -> None:
         """Free what the backend holds (a model, a connection pool, a server process)."""
         ...
+
+
+def chat_text(tokenizer, messages: Messages) -> str:
+    """Render a conversation with the tokenizer's chat template, up to where the model writes:
+    a new assistant turn, or the inside of a final assistant message (prefill)."""
+    prefill = bool(messages) and messages[-1].get("role") == "assistant"
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
+    )
 
 
 def check_options(options: Sequence[str]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from factory.llm.base import BackendError, Completion, GenParams, Messages, check_options, cut_at_stop, normalise
+from factory.llm.base import BackendError, Completion, GenParams, Messages, chat_text, check_options, cut_at_stop, normalise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,8 +58,8 @@ class HFBackend:
     # -- rendering --------------------------------------------------------------------------
 
     def encode(self, messages: Messages) -> list[int]:
-        """Token ids of a conversation, ending where the assistant's reply begins."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """Token ids of a conversation, ending where the model's text begins (see ``chat_text``)."""
+        text = chat_text(self.tokenizer, messages)
         # The template already wrote the special tokens; adding them again would double the BOS.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -207,6 +207,10 @@ class OpenAIBackend:
         """POST one chat completion, retrying what a retry can fix; return the parsed reply."""
         if self.model:  # some servers serve one model and accept requests that name none
             payload = {"model": self.model, **payload}
+        if payload["messages"] and payload["messages"][-1].get("role") == "assistant":
+            # A prefill: continue the final assistant message. These are vLLM's fields; a
+            # server that does not know them refuses the request (see _refusal's hint).
+            payload.update(continue_final_message=True, add_generation_prompt=False)
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             retry_after = None
@@ -238,6 +242,8 @@ class OpenAIBackend:
             401: f"check the API key in ${self.api_key_env}",
             403: f"check the API key in ${self.api_key_env}",
             404: "check the base URL (usually ending in /v1) and the model name",
+            422: "check the request fields: continuing an assistant message (prefill) needs a server that "
+            "knows continue_final_message, such as vLLM serve",
         }.get(resp.status_code, "check the request settings and the model name")
         return f"{self.url} (model {self.model!r}) refused the request, not retried: {_describe(resp)}; {hint}"
 

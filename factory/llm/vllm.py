@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from factory.llm.base import BackendError, Completion, GenParams, Messages, check_options, cut_at_stop, normalise
+from factory.llm.base import BackendError, Completion, GenParams, Messages, chat_text, check_options, cut_at_stop, normalise
 
 
 class VLLMBackend:
@@ -36,7 +36,7 @@ class VLLMBackend:
         self.info = {"path": path, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size}
 
     def encode(self, messages: Messages) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = chat_text(self.tokenizer, messages)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, requests: Sequence[Messages], params: GenParams) -> list[list[Completion]]:

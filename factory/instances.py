@@ -1,0 +1,249 @@
+"""The `instances` stage: inputs and outputs for each new instruction (Self-Instruct, step 2).
+
+First the model says whether an instruction is a classification task, through
+``option_logprobs`` over Yes/No after a few worked examples; the probability is
+kept, not only the decision. Classification tasks are then written output-first
+(a class label, then an input of that class), so that the labels are not all the
+same one; other tasks input-first (an input, possibly none, then its output).
+Worked examples in both prompts are seed tasks of the same kind.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from factory.config import RunConfig
+from factory.llm.base import Backend, Messages
+from factory.records import Instance, Instruction, SeedTask, Task, file_sha256, work_key
+from factory.seeds import load_seeds
+from factory.store import Store
+from factory.summary import StageSummary
+
+INPUT = "instructions.jsonl"
+OUTPUT = "tasks.jsonl"
+
+# -- is it a classification task? ---------------------------------------------------------------
+
+CLASSIFY_ASK = (
+    "Is the task below a classification task, one whose answer is a label from a small, fixed set "
+    "(such as positive/negative, yes/no, or one of a few categories)? Answer Yes or No.\n\nTask: {instruction}"
+)
+CLASSIFY_EXAMPLES = [  # written for this project; balanced, and not about the seed tasks
+    ("Tell whether the sentence is sarcastic or sincere.", "Yes"),
+    ("Write a limerick about a forgetful cat.", "No"),
+    ("Rate the product review as positive, neutral or negative.", "Yes"),
+    ("Explain how a refrigerator keeps food cold.", "No"),
+    ("Decide if the number given in the input is prime.", "Yes"),
+    ("Suggest a name for a bakery that sells only bread.", "No"),
+    ("Which planet in the list is the largest? Answer with its name.", "Yes"),
+    ("Translate the recipe's steps into a shopping list.", "No"),
+]
+
+
+def classify_prompt(instruction: str) -> Messages:
+    messages: Messages = []
+    for example, answer in CLASSIFY_EXAMPLES:
+        messages += [
+            {"role": "user", "content": CLASSIFY_ASK.format(instruction=example)},
+            {"role": "assistant", "content": answer},
+        ]
+    return messages + [{"role": "user", "content": CLASSIFY_ASK.format(instruction=instruction)}]
+
+
+# -- writing instances --------------------------------------------------------------------------
+
+INPUT_FIRST_ASK = (
+    "Write examples for the task below. For each example, give the input after 'Input:' and the "
+    "correct output after 'Output:'. If the task needs no input, write 'Input: <none>'.\n\nTask: {instruction}"
+)
+OUTPUT_FIRST_ASK = (
+    "The task below is a classification task. List its possible class labels and, for each label, "
+    "write an input that belongs to it: 'Class label:' followed by the label, then 'Input:' followed "
+    "by the input.\n\nTask: {instruction}"
+)
+NO_INPUT = "<none>"
+
+
+def instance_prompt(instruction: str, is_classification: bool, examples: list[SeedTask]) -> Messages:
+    """Worked examples (seed tasks of the same kind) as earlier turns, then the task, with the
+    answer's first label already written so the model keeps to the format."""
+    ask = OUTPUT_FIRST_ASK if is_classification else INPUT_FIRST_ASK
+    messages: Messages = []
+    for task in examples:
+        shown = "\n\n".join(_render(inst, i, is_classification) for i, inst in enumerate(task.instances, start=1))
+        messages += [
+            {"role": "user", "content": ask.format(instruction=task.instruction)},
+            {"role": "assistant", "content": shown},
+        ]
+    prefill = "Class label:" if is_classification else "Example 1\nInput:"
+    return messages + [
+        {"role": "user", "content": ask.format(instruction=instruction)},
+        {"role": "assistant", "content": prefill},
+    ]
+
+
+def _render(inst: Instance, number: int, is_classification: bool) -> str:
+    if is_classification:
+        return f"Class label: {inst.output}\nInput: {inst.input}"
+    return f"Example {number}\nInput: {inst.input or NO_INPUT}\nOutput: {inst.output}"
+
+
+FIELD = re.compile(r"^\s*(input|output|class label)\s*:\s?(.*)$", re.IGNORECASE)
+HEADER = re.compile(r"^\s*example\s*\d+\s*:?\s*$", re.IGNORECASE)
+
+
+def parse_pairs(text: str, first: str, second: str, cut_off: bool) -> list[tuple[str | None, str | None]]:
+    """(first, second) field pairs from labelled lines such as ``Input: ...`` / ``Output: ...``.
+
+    A field runs until the next label or ``Example N`` header, so values may span lines.
+    A pair ends when its first label comes round again. A reply cut off by the token limit
+    loses its last pair, which is likely unfinished.
+    """
+    pairs: list[dict[str, list[str]]] = []
+    current: dict[str, list[str]] | None = None
+    field: str | None = None
+    for line in text.split("\n"):
+        if HEADER.match(line):
+            current, field = None, None
+            continue
+        match = FIELD.match(line)
+        if match:
+            field = match.group(1).lower()
+            if field not in (first, second):
+                field = None
+                continue
+            if current is None or field in current:
+                current = {}
+                pairs.append(current)
+            current[field] = [match.group(2)]
+        elif current is not None and field is not None:
+            current[field].append(line)
+    if cut_off and pairs:
+        pairs.pop()
+    join = lambda lines: "\n".join(lines).strip() if lines is not None else None  # noqa: E731
+    return [(join(p.get(first)), join(p.get(second))) for p in pairs]
+
+
+def parse_instances(reply: str, is_classification: bool, cut_off: bool) -> tuple[list[Instance], Counter[str]]:
+    """Instances from a reply (which continues the prefilled label), and the pairs refused, by reason."""
+    rejected: Counter[str] = Counter()
+    instances = []
+    if is_classification:
+        pairs = parse_pairs("Class label:" + reply, "class label", "input", cut_off)
+        for label, inp in pairs:
+            if inp is None:
+                rejected["missing_input"] += 1
+                continue
+            instances.append(Instance(input=inp, output=label or ""))
+    else:
+        pairs = parse_pairs("Input:" + reply, "input", "output", cut_off)
+        for inp, out in pairs:
+            if out is None:
+                rejected["missing_output"] += 1
+                continue
+            instances.append(Instance(input="" if (inp or "").lower() == NO_INPUT else inp or "", output=out))
+    return instances, rejected
+
+
+def filter_instances(instances: list[Instance], limit: int) -> tuple[list[Instance], Counter[str], str | None]:
+    """Kept instances, refusals by reason, and a reason to drop the whole task (or None)."""
+    rejected: Counter[str] = Counter()
+    kept: list[Instance] = []
+    outputs_by_input: dict[str, set[str]] = {}
+    for inst in instances:
+        inp, out = inst.input.strip(), inst.output.strip()
+        if not out:
+            rejected["empty_output"] += 1
+        elif inp == out:
+            rejected["input_equals_output"] += 1
+        elif inp.endswith(":") or out.endswith(":"):
+            rejected["ends_with_colon"] += 1
+        elif any(k.input.strip() == inp and k.output.strip() == out for k in kept):
+            rejected["duplicate_instance"] += 1
+        else:
+            kept.append(Instance(input=inp, output=out))
+            outputs_by_input.setdefault(inp, set()).add(out)
+    if any(len(outs) > 1 for outs in outputs_by_input.values()):
+        return [], rejected, "conflicting_outputs"  # the same input with two answers: the task is ill-posed
+    if len(kept) > limit:
+        rejected["over_limit"] += len(kept) - limit
+        kept = kept[:limit]
+    return kept, rejected, None if kept else "no_instances"
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+
+def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+    ic = cfg.instances
+    seeds = [t for path in cfg.bootstrap.seeds for t in load_seeds(path)]
+    by_kind = {kind: [t for t in seeds if t.is_classification == kind and t.instances] for kind in (True, False)}
+    settings = {
+        "model": backend.model_id,
+        "config": ic.model_dump(mode="json", exclude={"max_instances"}),
+        "seeds": [file_sha256(p) for p in cfg.bootstrap.seeds],
+    }
+    source = run_dir / INPUT
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no instructions to write instances for; run the bootstrap stage first")
+    instructions = Store(source, Instruction).records()
+    store = Store(run_dir / OUTPUT, Task)
+    items = [(work_key({"instruction": r.instruction}, settings), r) for r in instructions]
+    todo = [(k, r) for k, r in items if k not in store]
+    params = ic.params.model_copy(update={"n": 1})
+    written = 0
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="instances", unit="task") as bar:
+        for start in range(0, len(todo), cfg.backend.batch_size):
+            batch = todo[start : start + cfg.backend.batch_size]
+            # 1. Classification or not: a soft label from the Yes/No log-probabilities.
+            scores = backend.option_logprobs([classify_prompt(r.instruction) for _, r in batch], ["Yes", "No"])
+            p_yes = [math.exp(s["Yes"]) for s in scores]
+            # 2. Instances, output-first for classification tasks, input-first otherwise.
+            prompts = []
+            for (_, r), p in zip(batch, p_yes):
+                kind = p >= ic.classification_threshold
+                rng = random.Random(f"{ic.seed}:{r.instruction}")
+                examples = rng.sample(by_kind[kind], min(ic.few_shot, len(by_kind[kind])))
+                prompts.append(instance_prompt(r.instruction, kind, examples))
+            replies = backend.generate(prompts, params.model_copy(update={"seed": ic.seed + start}))
+            records = []
+            for (key, r), p, (reply,) in zip(batch, p_yes, replies):
+                kind = p >= ic.classification_threshold
+                parsed, rejected = parse_instances(reply.text, kind, reply.finish_reason == "length")
+                kept, more, dropped = filter_instances(parsed, ic.max_instances)
+                records.append(
+                    Task(
+                        key=key,
+                        instruction_key=r.key,
+                        instruction=r.instruction,
+                        is_classification=kind,
+                        p_classification=p,
+                        instances=kept,
+                        reply=reply.text,
+                        finish_reason=reply.finish_reason,
+                        rejected=dict(rejected + more),
+                        dropped=dropped,
+                        model=backend.model_id,
+                        parse_error=None if parsed else "no instances could be parsed from the reply",
+                    )
+                )
+            written += store.append(records)
+            bar.update(len(batch))
+    tasks = store.records()
+    keys = {k for k, _ in items}
+    mine = [t for t in tasks if t.key in keys]
+    rejected: Counter[str] = Counter()
+    for t in mine:
+        rejected.update(t.rejected)
+        if t.dropped:
+            rejected[f"task_{t.dropped}"] += 1
+    kept = sum(len(t.instances) for t in mine)
+    clf = sum(t.is_classification for t in mine)
+    note = f"{kept} instances for {sum(1 for t in mine if t.instances)} tasks; {clf} of {len(mine)} tasks classification"
+    return StageSummary("instances", len(items), len(items) - len(todo), written, store.path, rejected, note)
