@@ -78,7 +78,7 @@ def cli():
 @set_opt
 @backend_opt
 @name_opt
-@click.option("--show", default=3, show_default=True, help="Print this many generated samples at the end.")
+@click.option("--show", default=3, show_default=True, help="Print this many records of the last stage at the end.")
 @user_errors
 def run(config, overrides, backend, name, show):
     """Run the stages CONFIG names (TOML or YAML), in order, in one run folder.
@@ -88,9 +88,9 @@ def run(config, overrides, backend, name, show):
     from factory.pipeline import run_stages
 
     cfg = _load(config, overrides, backend, name)
-    summaries = run_stages(cfg, echo=click.echo)
-    if show and any(s.stage == "generate" for s in summaries):
-        _show_generations(cfg, show)
+    run_stages(cfg, echo=click.echo)
+    if show:
+        _show_samples(cfg, show)
     click.echo(f"run folder: {cfg.run_dir}")
 
 
@@ -165,16 +165,34 @@ def prepare():
     click.echo(str(embedded_model_dir()))
 
 
-def _show_generations(cfg: RunConfig, count: int) -> None:
-    from factory.generate import OUTPUT
-    from factory.records import Generation
-    from factory.store import Store
+def _show_samples(cfg: RunConfig, count: int) -> None:
+    """A few records of the last stage that ran, so a run ends by showing what it made."""
+    from factory.records import Generation, Instruction, Task
+    from factory.store import read_jsonl
 
-    records = Store(cfg.run_dir / OUTPUT, Generation).records()
-    for rec in list(records)[:count]:
+    last = cfg.stages[-1]
+    files = {"generate": ("generations.jsonl", Generation), "bootstrap": ("instructions.jsonl", Instruction),
+             "instances": ("tasks.jsonl", Task)}
+    name, record_type = files[last]
+    path = cfg.run_dir / name
+    if not path.is_file():
+        return
+    records = read_jsonl(path, record_type)
+    if last == "instances":  # tasks with instances are the interesting ones
+        records = [t for t in records if t.instances] or records
+    for rec in records[:count]:
         click.echo("")
-        click.secho(f"[{rec.task_id}] {rec.messages[-1]['content']}", bold=True)
-        click.echo(rec.text)
+        if isinstance(rec, Generation):
+            click.secho(f"[{rec.task_id}] {rec.messages[-1]['content']}", bold=True)
+            click.echo(rec.text)
+        elif isinstance(rec, Instruction):
+            click.secho(rec.instruction, bold=True)
+            click.echo(f"  closest pool instruction ({rec.most_similar[0].score:.2f}): {rec.most_similar[0].instruction}")
+        else:
+            kind = "classification" if rec.is_classification else "generation"
+            click.secho(f"{rec.instruction}  [{kind}, p={rec.p_classification:.2f}]", bold=True)
+            for inst in rec.instances[:2]:
+                click.echo(f"  input:  {inst.input or '(none)'}\n  output: {inst.output}")
     click.echo("")
 
 

@@ -107,10 +107,22 @@ class InstancesConfig(Strict):
     """The `instances` stage: decide whether each instruction is classification, then write instances."""
 
     max_instances: int = Field(5, ge=1, description="keep at most this many instances per task")
-    classification_threshold: float = Field(0.5, gt=0, lt=1, description="p(Yes) at or above which a task is classification")
+    classification_threshold: float | Literal["auto"] = Field(
+        "auto",
+        description="p(Yes) at or above which a task is classification; auto: the cut that best separates "
+        "the seed tasks' own labels (small models say Yes too rarely for 0.5 to work)",
+    )
+    calibration_size: int = Field(20, ge=1, description="auto: seed tasks of each kind scored to place the cut")
     few_shot: int = Field(2, ge=0, description="seed tasks shown as worked examples in each prompt")
     seed: int = Field(0, description="sampling seed for the examples and the model")
     params: GenParams = Field(GenParams(temperature=0.7, top_p=0.95, max_tokens=256), description="sampling settings")
+
+    @field_validator("classification_threshold")
+    @classmethod
+    def _open_unit(cls, v: float | str) -> float | str:
+        if isinstance(v, float) and not 0 < v < 1:
+            raise ValueError("must be between 0 and 1 (exclusive), or 'auto'")
+        return v
 
 
 STAGES = ("generate", "bootstrap", "instances")

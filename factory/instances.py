@@ -46,6 +46,25 @@ CLASSIFY_EXAMPLES = [  # written for this project; balanced, and not about the s
 ]
 
 
+def p_classification(backend: Backend, instructions: list[str]) -> list[float]:
+    scores = backend.option_logprobs([classify_prompt(i) for i in instructions], ["Yes", "No"])
+    return [math.exp(s["Yes"]) for s in scores]
+
+
+def best_cut(p_pos: list[float], p_neg: list[float]) -> float:
+    """The threshold on p(Yes) that best separates known classification tasks (``p_pos``)
+    from others (``p_neg``): the highest balanced accuracy, placed midway between the two
+    scores it falls between so that a small shift in p does not flip a decision."""
+    values = sorted(set(p_pos + p_neg))
+    best, best_acc = 0.5, -1.0
+    for lo, hi in zip([0.0] + values, values + [1.0]):
+        cut = (lo + hi) / 2
+        acc = (sum(p >= cut for p in p_pos) / len(p_pos) + sum(p < cut for p in p_neg) / len(p_neg)) / 2
+        if acc > best_acc:
+            best, best_acc = cut, acc
+    return best
+
+
 def classify_prompt(instruction: str) -> Messages:
     messages: Messages = []
     for example, answer in CLASSIFY_EXAMPLES:
@@ -196,25 +215,35 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     store = Store(run_dir / OUTPUT, Task)
     items = [(work_key({"instruction": r.instruction}, settings), r) for r in instructions]
     todo = [(k, r) for k, r in items if k not in store]
+    threshold = ic.classification_threshold
+    if threshold == "auto" and todo:
+        # Calibrate on seed tasks whose kind is known: a small model's p(Yes) is informative
+        # but rarely near 0.5, so a fixed cut would call nothing (or everything) classification.
+        rng = random.Random(f"{ic.seed}:calibration")
+        pos = [t.instruction for t in rng.sample(by_kind[True], min(ic.calibration_size, len(by_kind[True])))]
+        neg = [t.instruction for t in rng.sample(by_kind[False], min(ic.calibration_size, len(by_kind[False])))]
+        threshold = 0.5
+        if pos and neg:
+            ps = p_classification(backend, pos + neg)
+            threshold = best_cut(ps[: len(pos)], ps[len(pos) :])
     params = ic.params.model_copy(update={"n": 1})
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="instances", unit="task") as bar:
         for start in range(0, len(todo), cfg.backend.batch_size):
             batch = todo[start : start + cfg.backend.batch_size]
             # 1. Classification or not: a soft label from the Yes/No log-probabilities.
-            scores = backend.option_logprobs([classify_prompt(r.instruction) for _, r in batch], ["Yes", "No"])
-            p_yes = [math.exp(s["Yes"]) for s in scores]
+            p_yes = p_classification(backend, [r.instruction for _, r in batch])
             # 2. Instances, output-first for classification tasks, input-first otherwise.
             prompts = []
             for (_, r), p in zip(batch, p_yes):
-                kind = p >= ic.classification_threshold
+                kind = p >= threshold
                 rng = random.Random(f"{ic.seed}:{r.instruction}")
                 examples = rng.sample(by_kind[kind], min(ic.few_shot, len(by_kind[kind])))
                 prompts.append(instance_prompt(r.instruction, kind, examples))
             replies = backend.generate(prompts, params.model_copy(update={"seed": ic.seed + start}))
             records = []
             for (key, r), p, (reply,) in zip(batch, p_yes, replies):
-                kind = p >= ic.classification_threshold
+                kind = p >= threshold
                 parsed, rejected = parse_instances(reply.text, kind, reply.finish_reason == "length")
                 kept, more, dropped = filter_instances(parsed, ic.max_instances)
                 records.append(
@@ -224,6 +253,7 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                         instruction=r.instruction,
                         is_classification=kind,
                         p_classification=p,
+                        threshold=threshold,
                         instances=kept,
                         reply=reply.text,
                         finish_reason=reply.finish_reason,
@@ -246,4 +276,8 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     kept = sum(len(t.instances) for t in mine)
     clf = sum(t.is_classification for t in mine)
     note = f"{kept} instances for {sum(1 for t in mine if t.instances)} tasks; {clf} of {len(mine)} tasks classification"
+    cuts = sorted({round(t.threshold, 3) for t in mine})
+    if cuts:
+        how = ", calibrated on the seeds" if ic.classification_threshold == "auto" else ""
+        note += f" (p(Yes) >= {', '.join(map(str, cuts))}{how})"
     return StageSummary("instances", len(items), len(items) - len(todo), written, store.path, rejected, note)

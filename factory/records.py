@@ -166,6 +166,8 @@ class Task(Record):
     is_classification: bool
     p_classification: float
     """the model's probability that this is a classification task (Yes vs No)"""
+    threshold: float
+    """the p_classification from which the task counted as classification"""
     instances: list[Instance]
     reply: str
     finish_reason: Literal["stop", "length"]

@@ -133,3 +133,28 @@ def test_cuda_agrees_with_cpu(hf_embedded):
         assert HFBackend("embedded", device="cuda").info["dtype"] == "bfloat16"  # auto on a GPU
     finally:
         gpu.close()
+
+
+def test_a_final_assistant_message_is_continued(hf_embedded):
+    messages = [chat("Count from one to ten in words, separated by commas.")[0],
+                {"role": "assistant", "content": "one, two, three,"}]
+    text = hf_embedded.tokenizer.decode(hf_embedded.encode(messages))
+    assert text.endswith("<|im_start|>assistant\none, two, three,")  # no end-of-turn after the prefill
+    (c,), = hf_embedded.generate([messages], GenParams(temperature=0, max_tokens=6))
+    assert c.text.lstrip().lower().startswith("four")
+
+
+def test_shared_prefix_cache_gives_the_same_scores(hf_embedded, monkeypatch):
+    # Few-shot prompts share a long start, which option_logprobs runs once and reuses.
+    few_shot = [chat("Is 7 prime? Answer Yes or No.")[0], {"role": "assistant", "content": "Yes"},
+                chat("Is 8 prime? Answer Yes or No.")[0], {"role": "assistant", "content": "No"}]
+    requests = [few_shot + chat(f"Is {n} prime? Answer Yes or No.") for n in (9, 11, 21)]
+    options = ["Yes", "No", "Not sure at all"]
+    cached = hf_embedded.option_logprobs(requests, options)
+    import factory.llm.hf as hf
+
+    monkeypatch.setattr(hf, "MIN_SHARED_PREFIX", 10**9)  # force the plain path
+    plain = hf_embedded.option_logprobs(requests, options)
+    for c, p in zip(cached, plain):
+        for o in options:
+            assert c[o] == pytest.approx(p[o], abs=1e-4)

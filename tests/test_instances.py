@@ -10,6 +10,7 @@ import pytest
 from factory.config import load_config
 from factory.instances import (
     CLASSIFY_EXAMPLES,
+    best_cut,
     classify_prompt,
     filter_instances,
     instance_prompt,
@@ -87,7 +88,8 @@ def run_cfg(tmp_path):
     seeds.write_text("".join(json.dumps({"id": f"s{i}", "name": f"s{i}", "instruction": ins,
                                          "instances": [{"input": i_, "output": o}], "is_classification": c}) + "\n"
                              for i, (ins, c, i_, o) in enumerate(rows)), encoding="utf-8")
-    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", "name=t", f"bootstrap.seeds=[{seeds}]"])
+    cfg = load_config(None, [f"output_dir={tmp_path / 'out'}", "name=t", f"bootstrap.seeds=[{seeds}]",
+                             "instances.classification_threshold=0.5"])
     store = Store(cfg.run_dir / "instructions.jsonl", Instruction)
     store.append([Instruction(key=f"k{i}", instruction=t, request_id="r", reply="", most_similar=[], avg_similarity=0.0,
                               model="m") for i, t in enumerate(["Is the sentence a question?", "Describe a sunset."])])
@@ -103,7 +105,7 @@ def test_run_instances_with_scripted_replies(run_cfg):
     )
     summary = run_instances(run_cfg, backend, run_cfg.run_dir)
     assert summary.written == 2 and summary.rejected == {}
-    assert "3 instances for 2 tasks; 1 of 2 tasks classification" in summary.note
+    assert "3 instances for 2 tasks; 1 of 2 tasks classification (p(Yes) >= 0.5)" in summary.note
     tasks = read_jsonl(run_cfg.run_dir / "tasks.jsonl", Task)
     assert tasks[0].is_classification and tasks[0].p_classification == pytest.approx(0.8)
     assert tasks[0].instances == [Instance(input="Are you there?", output="yes"), Instance(input="I am here.", output="no")]
@@ -114,3 +116,28 @@ def test_run_instances_with_scripted_replies(run_cfg):
     assert backend.calls[1][1][1][-1]["content"] == "Example 1\nInput:"
     # Resume: nothing asked again.
     assert run_instances(run_cfg, ScriptedBackend([]), run_cfg.run_dir).written == 0
+
+
+def test_best_cut_separates_known_labels():
+    assert best_cut([0.3, 0.25, 0.2], [0.1, 0.05, 0.15]) == pytest.approx(0.175)
+    # an overlap: cuts at 0.11 and 0.25 both reach 3/4 balanced accuracy; a tie goes to the lower
+    assert best_cut([0.3, 0.12], [0.1, 0.2]) == pytest.approx(0.11)
+
+
+def test_auto_threshold_is_calibrated_on_the_seeds(run_cfg):
+    cfg = run_cfg.model_copy(update={"instances": run_cfg.instances.model_copy(update={"classification_threshold": "auto"})})
+    lp = math.log
+    backend = ScriptedBackend(
+        [" yes\nInput: Are you there?", " <none>\nOutput: Orange sky."],
+        option_scores=[{"Yes": lp(0.3), "No": lp(0.7)}, {"Yes": lp(0.1), "No": lp(0.9)},  # the two seeds
+                       {"Yes": lp(0.25), "No": lp(0.75)}, {"Yes": lp(0.15), "No": lp(0.85)}],  # the two tasks
+    )
+    summary = run_instances(cfg, backend, cfg.run_dir)
+    tasks = read_jsonl(cfg.run_dir / "tasks.jsonl", Task)
+    assert [t.is_classification for t in tasks] == [True, False]  # cut at 0.2, between the seeds' 0.3 and 0.1
+    assert tasks[0].threshold == pytest.approx(0.2)
+    assert "(p(Yes) >= 0.2, calibrated on the seeds)" in summary.note
+    assert [r[-1]["content"].split("Task: ")[1] for r in backend.calls[0][1]] == [
+        "Label the review as positive or negative.", "Name three uses for a brick."]  # the seeds, by kind
+    # finished: a rerun calibrates nothing and asks nothing
+    assert run_instances(cfg, ScriptedBackend([]), cfg.run_dir).written == 0

@@ -16,6 +16,15 @@ import torch
 from factory.llm.base import BackendError, Completion, GenParams, Messages, chat_text, check_options, cut_at_stop, normalise
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MIN_SHARED_PREFIX = 16  # tokens; below this a separate prefix pass costs more than it saves
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -139,14 +148,34 @@ class HFBackend:
 
     @torch.inference_mode()
     def _score_batch(self, prompts: list[list[int]], options: list[list[int]]) -> list[float]:
-        """Sum of log p(option tokens | prompt) for each pair, in one forward pass."""
-        ids, mask = self._left_pad([p + o for p, o in zip(prompts, options)])
+        """Sum of log p(option tokens | prompt) for each pair, in one forward pass.
+
+        Rows of one batch often share a long start (a system turn, few-shot examples, the
+        same prompt under every option). That shared prefix is run once, and its key/value
+        cache serves every row, so each row costs only its own tail.
+        """
+        seqs = [p + o for p, o in zip(prompts, options)]
+        # Keep at least the option tokens and the token before them out of the prefix: their
+        # logits are what we read.
+        shared = min(_common_prefix(seqs), min(len(p) for p in prompts) - 1)
+        cache = None
+        if shared >= MIN_SHARED_PREFIX:
+            prefix = torch.tensor([seqs[0][:shared]], device=self.device)
+            cache = self.model(input_ids=prefix, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(seqs))
+        else:
+            shared = 0
+        ids, tail_mask = self._left_pad([s[shared:] for s in seqs])
+        # Padding sits between the prefix and each tail; the mask hides it and positions
+        # continue from the prefix as if it were not there.
+        mask = torch.cat([torch.ones((len(seqs), shared), dtype=torch.long, device=self.device), tail_mask], dim=1)
+        positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
         # Left padding puts every option at the right edge, so only the last k+1 positions'
         # logits matter (k = longest option); skipping the rest saves a B x T x vocab tensor.
         keep = max(len(o) for o in options) + 1
-        # Positions count from each row's first real token, as they would without padding.
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=keep
+        ).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         out = []
         for row, o in enumerate(options):
