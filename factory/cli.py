@@ -22,6 +22,7 @@ class UserError(click.ClickException):
 
 def user_errors(fn):
     """Turn the errors a user can fix into a clean message and exit code 2."""
+    from factory.constitution import ConstitutionError
     from factory.llm.base import BackendError
     from factory.seeds import SeedError
     from factory.store import StoreError
@@ -30,7 +31,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, SeedError, StoreError, BackendError, FileNotFoundError) as e:
+        except (ConfigError, SeedError, StoreError, BackendError, ConstitutionError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
 
     return wrapper
@@ -141,6 +142,64 @@ stage_command(
 )
 
 
+stage_command(
+    "critique",
+    """Answer each prompt, critique the answer under a principle, revise it; writes
+    revisions.jsonl and sft.jsonl.
+
+    A principle is drawn by weight from [critique] constitution for each of the
+    [critique] rounds; the constitution's examples go in front as chat turns. Prompts
+    come from [critique] prompts (a JSONL of {"prompt": ...}, e.g.
+    seeds/red_team_prompts.jsonl) or, without it, from the run's tasks.jsonl.
+    """,
+)
+
+
+@cli.group()
+def principles():
+    """Check and import principle files (constitutions)."""
+
+
+@principles.command("check")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@user_errors
+def principles_check(files):
+    """Validate principle FILES (YAML or JSON) and print a summary of each.
+
+    Errors name the file, the line or key, and what was expected; exit code 2.
+    """
+    from factory.constitution import check_summary, load_constitution
+
+    for path in files:
+        click.echo(check_summary(load_constitution(path), path))
+
+
+@principles.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="YAML file to write.")
+@click.option("--name", help="Name of the new constitution (default: from the file name).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@user_errors
+def principles_import(file, output, name, force):
+    """Convert a constitution in a public format into a principle file.
+
+    Recognised shapes (JSON): {"constitutions": [{"critic", "revision"}], "system_chat": [...]};
+    {id: {"prompt": ["CritiqueRequest: ... Critique:"], "edit_request": "RevisionRequest: ... Revision:"}};
+    a list of judge-question strings.
+    """
+    from factory.constitution import load_constitution, to_yaml
+    from factory.constitution_import import import_constitution
+
+    if output.exists() and not force:
+        raise UserError(f"{output} exists; pass --force to overwrite it")
+    constitution = import_constitution(file, name=name)
+    tmp = output.with_name(f".{output.stem}.tmp.yaml")
+    tmp.write_text(to_yaml(constitution), encoding="utf-8")
+    load_constitution(tmp)  # what we write must load back, or nothing is written
+    tmp.replace(output)
+    click.echo(f"wrote {output}: {len(constitution.principles)} principles, {len(constitution.examples)} examples")
+
+
 @cli.command()
 @config_arg
 @set_opt
@@ -167,12 +226,12 @@ def prepare():
 
 def _show_samples(cfg: RunConfig, count: int) -> None:
     """A few records of the last stage that ran, so a run ends by showing what it made."""
-    from factory.records import Generation, Instruction, Task
+    from factory.records import Generation, Instruction, Revision, Task
     from factory.store import read_jsonl
 
     last = cfg.stages[-1]
     files = {"generate": ("generations.jsonl", Generation), "bootstrap": ("instructions.jsonl", Instruction),
-             "instances": ("tasks.jsonl", Task)}
+             "instances": ("tasks.jsonl", Task), "critique": ("revisions.jsonl", Revision)}
     name, record_type = files[last]
     path = cfg.run_dir / name
     if not path.is_file():
@@ -185,6 +244,12 @@ def _show_samples(cfg: RunConfig, count: int) -> None:
         if isinstance(rec, Generation):
             click.secho(f"[{rec.task_id}] {rec.messages[-1]['content']}", bold=True)
             click.echo(rec.text)
+        elif isinstance(rec, Revision):
+            click.secho(rec.prompt, bold=True)
+            click.echo(f"  first answer: {rec.initial}")
+            for rd in rec.rounds:
+                click.echo(f"  critique under '{rd.principle_id}': {rd.critique}")
+            click.echo(f"  final revision: {rec.final}")
         elif isinstance(rec, Instruction):
             click.secho(rec.instruction, bold=True)
             click.echo(f"  closest pool instruction ({rec.most_similar[0].score:.2f}): {rec.most_similar[0].instruction}")

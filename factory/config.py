@@ -125,7 +125,24 @@ class InstancesConfig(Strict):
         return v
 
 
-STAGES = ("generate", "bootstrap", "instances")
+class CritiqueConfig(Strict):
+    """The `critique` stage: answer, critique under a sampled principle, revise; R rounds (Constitutional AI)."""
+
+    constitution: Path = Field(Path("principles/harmless.yaml"), description="principle file (YAML or JSON)")
+    prompts: Path | None = Field(
+        None, description="JSONL of {'prompt': ...} (e.g. seeds/red_team_prompts.jsonl); none: the run's tasks"
+    )
+    limit: int | None = Field(None, ge=1, description="use only the first N prompts")
+    rounds: int = Field(1, ge=1, description="critique -> revision rounds per prompt; a principle is drawn for each")
+    few_shot: int = Field(2, ge=0, description="the constitution's examples shown before each critique, as chat turns")
+    skip_unchanged: bool = Field(False, description="skip the revision when the model says its critique asks for no change")
+    skip_threshold: float = Field(0.5, gt=0, lt=1, description="skip when p(Yes, it needs to change) is below this")
+    pairs: bool = Field(False, description="also write critique_pairs.jsonl: final revision preferred over the first answer")
+    seed: int = Field(0, description="seed for principle draws and sampling")
+    params: GenParams = Field(GenParams(temperature=0.7, top_p=0.95, max_tokens=192), description="sampling settings")
+
+
+STAGES = ("generate", "bootstrap", "instances", "critique")
 
 
 class RunConfig(Strict):
@@ -134,10 +151,13 @@ class RunConfig(Strict):
     name: str = Field("demo", description="run folder name under output_dir")
     output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
     backend: BackendConfig = BackendConfig()
-    stages: list[Literal["generate", "bootstrap", "instances"]] = Field(["generate"], description="stages to run, in order")
+    stages: list[Literal["generate", "bootstrap", "instances", "critique"]] = Field(
+        ["generate"], description="stages to run, in order"
+    )
     generate: GenerateConfig = GenerateConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     instances: InstancesConfig = InstancesConfig()
+    critique: CritiqueConfig = CritiqueConfig()
 
     @field_validator("name")
     @classmethod

@@ -7,6 +7,8 @@ from typing import Callable
 
 from factory.config import RunConfig
 from factory.bootstrap import run_bootstrap
+from factory.constitution import load_constitution
+from factory.critique import run_critique
 from factory.generate import run_generate
 from factory.instances import run_instances
 from factory.llm import load_backend
@@ -16,7 +18,12 @@ from factory.seeds import load_seeds
 from factory.summary import StageSummary
 
 StageFn = Callable[[RunConfig, Backend, Path], StageSummary]
-STAGE_FNS: dict[str, StageFn] = {"generate": run_generate, "bootstrap": run_bootstrap, "instances": run_instances}
+STAGE_FNS: dict[str, StageFn] = {
+    "generate": run_generate,
+    "bootstrap": run_bootstrap,
+    "instances": run_instances,
+    "critique": run_critique,
+}
 
 
 def input_files(cfg: RunConfig) -> list[Path]:
@@ -26,6 +33,10 @@ def input_files(cfg: RunConfig) -> list[Path]:
         files += cfg.generate.seeds
     if "bootstrap" in cfg.stages or "instances" in cfg.stages:
         files += cfg.bootstrap.seeds  # instances take their worked examples from the seeds too
+    if "critique" in cfg.stages:
+        files.append(cfg.critique.constitution)
+        if cfg.critique.prompts is not None:
+            files.append(cfg.critique.prompts)
     return files
 
 
@@ -34,11 +45,20 @@ def check_inputs(cfg: RunConfig) -> None:
     for path in input_files(cfg):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: input file not found (named in the config)")
-    for path in dict.fromkeys(input_files(cfg)):
-        load_seeds(path)  # every input file so far is a seed file
+    seed_files = set(cfg.generate.seeds if "generate" in cfg.stages else [])
+    if "bootstrap" in cfg.stages or "instances" in cfg.stages:
+        seed_files |= set(cfg.bootstrap.seeds)
+    for path in seed_files:
+        load_seeds(path)
+    if "critique" in cfg.stages:
+        load_constitution(cfg.critique.constitution)  # nothing runs on a half-valid constitution
     made_here = cfg.run_dir / "instructions.jsonl"
     if "instances" in cfg.stages and "bootstrap" not in cfg.stages and not made_here.is_file():
         raise FileNotFoundError(f"{made_here}: no instructions to write instances for; run the bootstrap stage first")
+    tasks_here = cfg.run_dir / "tasks.jsonl"
+    needs_tasks = "critique" in cfg.stages and cfg.critique.prompts is None and "instances" not in cfg.stages
+    if needs_tasks and not tasks_here.is_file():
+        raise FileNotFoundError(f"{tasks_here}: no prompts to critique; run instances first, or set critique.prompts")
 
 
 def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[str], None] = print) -> list[StageSummary]:

@@ -176,3 +176,56 @@ class Task(Record):
     dropped: str | None = None
     """why the task has no instances (``conflicting_outputs``, ``no_instances``), if it has none"""
     model: str
+
+
+# -- critique -> revise ------------------------------------------------------------------------
+
+
+class Round(BaseModel):
+    """One critique -> revision round, with the exact requests the model saw."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    principle_id: str
+    critique_request: str
+    critique: str
+    p_change: float | None = None
+    """with ``skip_unchanged``: the model's p(Yes) that its critique asks for a change"""
+    revision_request: str | None = None
+    """None when the revision was skipped"""
+    revision: str
+    """the response after this round (the previous one, when skipped)"""
+    skipped: bool = False
+
+
+class Revision(Record):
+    """A prompt's initial response and every round after it (``revisions.jsonl``)."""
+
+    prompt_id: str
+    prompt: str
+    constitution: str
+    """name of the constitution, and below the sha256 of its file"""
+    constitution_sha256: str
+    initial: str
+    rounds: list[Round]
+    final: str
+    model: str
+
+
+class ChatExample(Record):
+    """An SFT example as chat messages (``sft.jsonl``): the user prompt, the final revision."""
+
+    messages: list[dict[str, str]]
+    source: str
+    """key of the record it was made from"""
+    constitution: str
+    principles: list[str]
+
+
+class PreferencePair(Record):
+    """A preference pair (``critique_pairs.jsonl`` here; the judge writes richer ones)."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str

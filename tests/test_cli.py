@@ -147,3 +147,40 @@ def test_resume_repeats_no_model_call_and_new_settings_are_new_work(workdir, hf_
     assert counting.prompts == 5
     records = read_jsonl(cfg.run_dir / "generations.jsonl", Generation)
     assert len(records) == 5 and len({r.key for r in records}) == 5
+
+
+GOOD_PRINCIPLE = """\
+  - id: kind
+    critique: Point out anything unkind in your last response.
+    revision: Rewrite your last response to be kind.
+    judge: Which response is kinder?
+"""
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("  - id: kind\n    critique: Point out anything unkind.\n    judge: Which is kinder?\n",
+         "c.yaml:4: principles[0] (id 'kind').revision: missing required key"),
+        (GOOD_PRINCIPLE + GOOD_PRINCIPLE, "c.yaml:8: principles[1] (id 'kind').id: duplicate id 'kind' (already used by principles[0])"),
+        (GOOD_PRINCIPLE.replace("unkind in your", "unkind in {user}'s"), "unknown placeholder {user}"),
+        (GOOD_PRINCIPLE + "    weight: heavy\n", "c.yaml:8: principles[0] (id 'kind').weight: Input should be a valid number (got 'heavy')"),
+    ],
+)
+def test_principles_check_names_the_problem(workdir, body, expected):
+    (workdir / "c.yaml").write_text("name: c\ndescription: test\nprinciples:\n" + body, encoding="utf-8")
+    result = invoke("principles", "check", "c.yaml")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert expected in result.output
+
+
+def test_principles_check_and_import(workdir):
+    result = invoke("principles", "check", *[str(p) for p in sorted((REPO / "principles").glob("*.yaml"))])
+    assert result.exit_code == 0, result.output
+    assert "'harmless', 13 principles" in result.output
+    result = invoke("principles", "import", str(REPO / "tests" / "fixtures" / "critic_revision.json"), "-o", "out.yaml")
+    assert result.exit_code == 0, result.output
+    assert invoke("principles", "check", "out.yaml").exit_code == 0
+    again = invoke("principles", "import", str(REPO / "tests" / "fixtures" / "critic_revision.json"), "-o", "out.yaml")
+    assert again.exit_code == 2 and "out.yaml exists; pass --force" in again.output
