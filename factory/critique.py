@@ -114,7 +114,13 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
         "constitution": digest,
         "config": cc.model_dump(mode="json", exclude={"constitution", "prompts", "limit", "pairs"}),
     }
-    items = [(work_key({"prompt": text}, settings), pid, text) for pid, text in prompts]
+    items: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for pid, text in prompts:
+        key = work_key({"prompt": text}, settings)
+        if key not in seen:  # a prompt given twice is one item; its first id names it
+            seen.add(key)
+            items.append((key, pid, text))
     store = Store(run_dir / OUTPUT, Revision)
     sft = Store(run_dir / SFT, ChatExample)
     pairs = Store(run_dir / PAIRS, PreferencePair) if cc.pairs else None
@@ -149,7 +155,8 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
                 revise = [i for i, p in enumerate(p_change) if p is None or p >= cc.skip_threshold]
                 # 5. Revise, given the critique.
                 revision_asks = [revision_messages(asks[i], critiques[i], batch[i][2], latest[i], drawn[i]) for i in revise]
-                revised = backend.generate(revision_asks, params.model_copy(update={"seed": seed + 2 + 2 * r}))
+                revised = (backend.generate(revision_asks, params.model_copy(update={"seed": seed + 2 + 2 * r}))
+                           if revision_asks else [])
                 new_text = {i: c[0].text for i, c in zip(revise, revised)}
                 asked = {i: a[-1]["content"] for i, a in zip(revise, revision_asks)}
                 for i in range(len(batch)):
