@@ -36,7 +36,6 @@ def run_generate(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
             items.append((key, task, messages))
     store = Store(run_dir / OUTPUT, Generation)
     done = store.done_keys()
-    # Samples of one task stay together so a request asks for all its missing samples at once.
     todo = [it for it in items if it[0] not in done]
     params_one = gen.params.model_copy(update={"n": 1})
     written = 0
