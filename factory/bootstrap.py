@@ -147,6 +147,17 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     rejected: Counter[str] = Counter()
     unused = 0
 
+    def take(c: Candidate) -> None:
+        """Count a candidate's verdict; an accepted one joins the pool."""
+        nonlocal unused
+        if c.verdict == "accepted":
+            index.add(c.text)
+            machine.append(c.text)
+        elif c.verdict == "over_target":
+            unused += 1
+        else:
+            rejected[c.verdict] += 1
+
     # 1. Replay the requests already made, in order: the pool is what they accepted.
     done = {r.key: r for r in requests.records()}
     n = 0
@@ -154,15 +165,9 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     while (key := request_key(n)) in done:
         req = done[key]
         for c in req.candidates:
-            if c.verdict == "accepted":
-                index.add(c.text)
-                machine.append(c.text)
-                if work_key(c.text, settings) not in instructions:
-                    missing.append(_instruction(c, req, settings))
-            elif c.verdict == "over_target":
-                unused += 1
-            else:
-                rejected[c.verdict] += 1
+            take(c)
+            if c.verdict == "accepted" and work_key(c.text, settings) not in instructions:
+                missing.append(_instruction(c, req, settings))
         if req.parse_error:
             rejected[NO_ITEMS] += 1
         n += 1
@@ -185,13 +190,7 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                 candidates = []
                 for text in items:
                     c = _judge(text, bc, blacklist, index, done_already=len(machine) >= bc.target)
-                    if c.verdict == "accepted":
-                        index.add(text)
-                        machine.append(text)
-                    elif c.verdict == "over_target":
-                        unused += 1
-                    else:
-                        rejected[c.verdict] += 1
+                    take(c)  # at once: the next candidate is checked against this one too
                     candidates.append(c)
                 req = BootstrapRequest(
                     key=request_key(i),
@@ -204,7 +203,7 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                     model=backend.model_id,
                     parse_error=None if items else "no numbered items in the reply",
                 )
-                if not items:
+                if req.parse_error:
                     rejected[NO_ITEMS] += 1
                 new_requests.append(req)
                 new_instructions += [_instruction(c, req, settings) for c in candidates if c.verdict == "accepted"]

@@ -140,8 +140,6 @@ stage_command(
     and input-first for the rest, and filters them. Settings: [instances].
     """,
 )
-
-
 stage_command(
     "critique",
     """Answer each prompt, critique the answer under a principle, revise it; writes

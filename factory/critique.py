@@ -177,10 +177,10 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
             ]
             written += store.append(records)  # the source of truth first
             _derive(records, sft, pairs, constitution.name)
+            done += records
             bar.update(len(batch))
-    mine = [r for r in store.records() if r.key in keys]
-    used = Counter(rd.principle_id for r in mine for rd in r.rounds)
-    skipped = sum(rd.skipped for r in mine for rd in r.rounds)
+    used = Counter(rd.principle_id for r in done for rd in r.rounds)
+    skipped = sum(rd.skipped for r in done for rd in r.rounds)
     note = f"{cc.rounds} round(s) under '{constitution.name}'; principles used: " + ", ".join(
         f"{pid} {n}" for pid, n in used.most_common())
     if cc.skip_unchanged:

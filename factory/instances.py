@@ -233,17 +233,16 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
             batch = todo[start : start + cfg.backend.batch_size]
             # 1. Classification or not: a soft label from the Yes/No log-probabilities.
             p_yes = p_classification(backend, [r.instruction for _, r in batch])
+            kinds = [p >= threshold for p in p_yes]
             # 2. Instances, output-first for classification tasks, input-first otherwise.
             prompts = []
-            for (_, r), p in zip(batch, p_yes):
-                kind = p >= threshold
+            for (_, r), kind in zip(batch, kinds):
                 rng = random.Random(f"{ic.seed}:{r.instruction}")
                 examples = rng.sample(by_kind[kind], min(ic.few_shot, len(by_kind[kind])))
                 prompts.append(instance_prompt(r.instruction, kind, examples))
             replies = backend.generate(prompts, params.model_copy(update={"seed": ic.seed + start}))
             records = []
-            for (key, r), p, (reply,) in zip(batch, p_yes, replies):
-                kind = p >= threshold
+            for (key, r), p, kind, (reply,) in zip(batch, p_yes, kinds, replies):
                 parsed, rejected = parse_instances(reply.text, kind, reply.finish_reason == "length")
                 kept, more, dropped = filter_instances(parsed, ic.max_instances)
                 records.append(

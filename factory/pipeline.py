@@ -26,13 +26,19 @@ STAGE_FNS: dict[str, StageFn] = {
 }
 
 
-def input_files(cfg: RunConfig) -> list[Path]:
-    """Every file the configured stages read, for the manifest's hashes."""
+def seed_files(cfg: RunConfig) -> list[Path]:
+    """The seed files the configured stages read."""
     files: list[Path] = []
     if "generate" in cfg.stages:
         files += cfg.generate.seeds
     if "bootstrap" in cfg.stages or "instances" in cfg.stages:
         files += cfg.bootstrap.seeds  # instances take their worked examples from the seeds too
+    return files
+
+
+def input_files(cfg: RunConfig) -> list[Path]:
+    """Every file the configured stages read, for the manifest's hashes."""
+    files = seed_files(cfg)
     if "critique" in cfg.stages:
         files.append(cfg.critique.constitution)
         if cfg.critique.prompts is not None:
@@ -45,10 +51,7 @@ def check_inputs(cfg: RunConfig) -> None:
     for path in input_files(cfg):
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: input file not found (named in the config)")
-    seed_files = set(cfg.generate.seeds if "generate" in cfg.stages else [])
-    if "bootstrap" in cfg.stages or "instances" in cfg.stages:
-        seed_files |= set(cfg.bootstrap.seeds)
-    for path in seed_files:
+    for path in dict.fromkeys(seed_files(cfg)):
         load_seeds(path)
     if "critique" in cfg.stages:
         load_constitution(cfg.critique.constitution)  # nothing runs on a half-valid constitution

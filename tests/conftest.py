@@ -158,3 +158,14 @@ def hf_embedded():
     backend = HFBackend("embedded", device="cpu", batch_size=16)
     yield backend
     backend.close()
+
+
+@pytest.fixture
+def seeded_dir(tmp_path, monkeypatch) -> Path:
+    """A temporary working folder holding a copy of the shipped seeds/seed_tasks.jsonl."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "seeds").mkdir()
+    shutil.copy(Path(__file__).parents[1] / "seeds" / "seed_tasks.jsonl", tmp_path / "seeds" / "seed_tasks.jsonl")
+    return tmp_path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,10 +19,8 @@ REPO = Path(__file__).parents[1]
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "seeds").mkdir()
-    shutil.copy(REPO / "seeds" / "seed_tasks.jsonl", tmp_path / "seeds" / "seed_tasks.jsonl")
+def workdir(seeded_dir):
+    tmp_path = seeded_dir
     (tmp_path / "tiny.toml").write_text(
         'name = "tiny"\n[backend]\ndevice = "cpu"\n[generate]\nlimit = 3\n'
         "[generate.params]\nmax_tokens = 8\ntemperature = 0.7\nseed = 1\n",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,10 @@ from factory.seeds import load_seeds
 from factory.store import read_jsonl
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).parents[1]
 
 
-def test_bootstrap_then_instances_on_the_embedded_model(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "seeds").mkdir()
-    shutil.copy(REPO / "seeds" / "seed_tasks.jsonl", tmp_path / "seeds" / "seed_tasks.jsonl")
+def test_bootstrap_then_instances_on_the_embedded_model(seeded_dir):
+    tmp_path = seeded_dir
     (tmp_path / "si.toml").write_text(
         'name = "si"\n[backend]\ndevice = "cpu"\n'
         "[bootstrap]\ntarget = 20\nrequests_per_batch = 8\nseed = 3\n"
