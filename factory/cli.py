@@ -24,6 +24,7 @@ def user_errors(fn):
     """Turn the errors a user can fix into a clean message and exit code 2."""
     from factory.constitution import ConstitutionError
     from factory.llm.base import BackendError
+    from factory.preferences import PreferenceFormatError
     from factory.seeds import SeedError
     from factory.store import StoreError
 
@@ -31,7 +32,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, SeedError, StoreError, BackendError, ConstitutionError, FileNotFoundError) as e:
+        except (ConfigError, SeedError, StoreError, BackendError, ConstitutionError, PreferenceFormatError,
+                FileNotFoundError) as e:
             raise UserError(str(e)) from None
 
     return wrapper
@@ -152,6 +154,78 @@ stage_command(
     """,
 )
 
+stage_command(
+    "judge",
+    """Compare responses under principles with the model as judge; writes preferences.jsonl
+    (soft-labelled pairs) and the same pairs in TRL's formats.
+
+    Candidates ([judge] candidates): each critiqued prompt's first answer vs its final
+    revision (default), n sampled responses per prompt, or a JSONL of prompt + responses.
+    The judge's letter is scored with option log-probabilities, never parsed from text;
+    every pair is judged in both orders and the two probabilities averaged, under
+    [judge] principles principles drawn by weight. judgments.jsonl keeps every comparison.
+    """,
+)
+
+
+@cli.command("judge-eval")
+@click.argument("pairs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["hh", "factory"]), default="hh", show_default=True,
+              help="hh: {'chosen', 'rejected'} Human/Assistant dialogues; factory: Preference records (chosen = label).")
+@click.option("--constitution", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("principles/harmless.yaml"), show_default=True, help="Principle file whose judge questions are asked.")
+@click.option("--principles", "count", default="1", show_default=True, metavar="N|all",
+              help="Principles drawn per pair (their labels averaged), or 'all' for every principle on every pair.")
+@click.option("--cot", is_flag=True, help="The judge reasons first; its labels are clamped to --cot-band.")
+@click.option("--cot-band", nargs=2, type=float, default=(0.4, 0.6), show_default=True)
+@click.option("--backend", "spec", default="hf:embedded", show_default=True, metavar="SPEC", help="The judge model.")
+@click.option("--batch-size", default=32, show_default=True, help="Pairs judged per batch.")
+@click.option("--limit", type=int, help="Judge only the first N pairs.")
+@click.option("--seed", default=0, show_default=True, help="Seed for the principle draws.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON here.")
+@user_errors
+def judge_eval(pairs, fmt, constitution, count, cot, cot_band, spec, batch_size, limit, seed, report):
+    """Measure how often the AI judge agrees with human-labelled PAIRS.
+
+    Every pair is judged in both orders, as the judge stage does. Prints accuracy (agreement
+    with the human choice) with a 95% Wilson interval, the position-flip rate (pairs whose
+    two orders disagree), the first-position preference, the expected calibration error of
+    the judge's confidence with its bins, and a per-principle breakdown.
+    """
+    from factory.config import BackendConfig
+    from factory.constitution import load_constitution
+    from factory.judge_eval import format_table, run_judge_eval
+    from factory.llm import load_backend
+    from factory.preferences import import_hh
+    from factory.records import Preference
+    from factory.store import read_jsonl
+
+    if count != "all" and not (count.isdigit() and int(count) >= 1):
+        raise UserError(f"--principles: expected a positive number or 'all', got {count!r}")
+    if not 0 <= cot_band[0] <= 0.5 <= cot_band[1] <= 1:
+        raise UserError(f"--cot-band: expected LOW HIGH with 0 <= LOW <= 0.5 <= HIGH <= 1, got {cot_band}")
+    judges = load_constitution(constitution)
+    labelled = import_hh(pairs)[0] if fmt == "hh" else read_jsonl(pairs, Preference)
+    labelled = labelled[:limit] if limit else labelled
+    if not labelled:
+        raise UserError(f"{pairs}: no pairs to evaluate")
+    try:
+        backend = load_backend(BackendConfig(spec=spec, batch_size=batch_size * 2))
+    except ValueError as e:  # a malformed spec
+        raise UserError(f"--backend: {e}") from None
+    try:
+        figures, _ = run_judge_eval(backend, labelled, judges, "all" if count == "all" else int(count), cot,
+                                    tuple(cot_band), seed=seed, batch=batch_size)
+    finally:
+        backend.close()
+    figures["pairs_file"] = str(pairs)
+    click.echo(f"judge {figures['judge_model']} under '{figures['constitution']}' on {pairs}\n")
+    click.echo(format_table(figures))
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        click.echo(f"\nreport: {report}")
+
 
 @cli.group()
 def principles():
@@ -196,6 +270,85 @@ def principles_import(file, output, name, force):
     load_constitution(tmp)  # what we write must load back, or nothing is written
     tmp.replace(output)
     click.echo(f"wrote {output}: {len(constitution.principles)} principles, {len(constitution.examples)} examples")
+
+
+@cli.group()
+def pairs():
+    """Import human preference pairs and export pairs for TRL and the Hugging Face ecosystem."""
+
+
+@pairs.command("import")
+@click.argument("kind", type=click.Choice(["hh", "votes"]))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL file of Preference records to write.")
+@click.option("--min-gap", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="votes: the least score difference that makes a pair.")
+@click.option("--skip-bad", is_flag=True, help="Leave out malformed lines (counted by reason) instead of stopping.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@user_errors
+def pairs_import(kind, file, output, min_gap, skip_bad, force):
+    """Convert human preference data in FILE into Preference records, like the judge's.
+
+    \b
+    hh:    Anthropic HH-RLHF, one {"chosen": ..., "rejected": ...} per line, each a
+           "\\n\\nHuman: ...\\n\\nAssistant: ..." dialogue; the two must differ only in
+           the last Assistant turn. Labels are certain: p_chosen = 1.
+    votes: one {"prompt": ..., "answers": [{"text": ..., "score": ...}, ...]} per line,
+           e.g. Stack Exchange answers with their vote scores. Every two answers whose
+           scores a > b differ by at least --min-gap make a pair with the soft label
+           p_chosen = sigmoid(f(a) - f(b)), f(s) = sign(s) * log2(1 + |s|): the log
+           makes 10 votes vs 0 count for more than 1000 vs 900.
+
+    A malformed line stops the import with FILE:LINE and what was expected, and
+    nothing is written; with --skip-bad it is left out and counted instead.
+    """
+    from factory.preferences import import_hh, import_votes, write_jsonl
+
+    if output.exists() and not force:
+        raise UserError(f"{output} exists; pass --force to overwrite it")
+    if kind == "hh":
+        records, skipped = import_hh(file, skip_bad=skip_bad)
+    else:
+        records, skipped = import_votes(file, min_gap=min_gap, skip_bad=skip_bad)
+    write_jsonl(output, [rec.model_dump(mode="json") for rec in records])
+    click.echo(f"wrote {output}: {len(records)} pairs from {file}")
+    for reason, n in sorted(skipped.items()):
+        click.echo(f"  skipped {n} {reason}")
+
+
+@pairs.command("export")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["standard", "conversational"]), default="standard",
+              show_default=True, help="TRL preference format to write.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSONL file to write.")
+@click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Keep only pairs whose p_chosen is at least this.")
+@click.option("--drop-flagged", is_flag=True, help="Leave out pairs the judge flagged as low-confidence.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@user_errors
+def pairs_export(file, fmt, output, min_p, drop_flagged, force):
+    """Write the Preference records in FILE (preferences.jsonl, or `pairs import` output) for TRL.
+
+    \b
+    standard:       {"prompt": str, "chosen": str, "rejected": str}; a multi-turn
+                    prompt becomes a "Human: ...\\n\\nAssistant: ..." transcript.
+    conversational: {"prompt": [messages], "chosen": [{"role": "assistant", ...}],
+                    "rejected": [...]}, for trainers that apply the chat template.
+
+    Both load with datasets.load_dataset("json", data_files=OUTPUT) and feed
+    TRL's RewardTrainer and DPOTrainer as they are.
+    """
+    from factory.preferences import FORMATS, write_jsonl
+    from factory.records import Preference
+    from factory.store import read_jsonl
+
+    if output.exists() and not force:
+        raise UserError(f"{output} exists; pass --force to overwrite it")
+    records = read_jsonl(file, Preference)
+    kept = [r for r in records if r.p_chosen >= min_p and not (drop_flagged and r.low_confidence)]
+    write_jsonl(output, FORMATS[fmt](kept))
+    click.echo(f"wrote {output}: {len(kept)} pairs ({fmt}) from {file}, {len(records) - len(kept)} left out")
 
 
 @cli.command()

@@ -142,7 +142,55 @@ class CritiqueConfig(Strict):
     params: GenParams = Field(GenParams(temperature=0.7, top_p=0.95, max_tokens=192), description="sampling settings")
 
 
-STAGES = ("generate", "bootstrap", "instances", "critique")
+class JudgeConfig(Strict):
+    """The `judge` stage: compare responses under principles and write soft-labelled preference pairs (RLAIF)."""
+
+    constitution: Path = Field(Path("principles/harmless.yaml"), description="principle file whose judge questions are asked")
+    candidates: Literal["critique", "samples", "file"] = Field(
+        "critique",
+        description="critique: each prompt's first answer vs its final revision (revisions.jsonl); "
+        "samples: n sampled responses per prompt; file: a JSONL of {'prompt', 'responses'}",
+    )
+    responses: Path | None = Field(None, description="candidates = file: JSONL of {'prompt': text or messages, 'responses': [...]}")
+    prompts: Path | None = Field(None, description="candidates = samples: JSONL of {'prompt': ...}; none: the run's tasks")
+    limit: int | None = Field(None, ge=1, description="judge only the first N prompts")
+    n: int = Field(2, ge=2, description="candidates = samples: responses sampled per prompt")
+    principles: int | Literal["all"] = Field(
+        1, description="principles drawn by weight (without repeats) to judge each prompt under; their labels are averaged"
+    )
+    kway: Literal["pairs", "choice"] = Field(
+        "pairs", description="more than 2 responses: judge every pair, or one choice among all the letters"
+    )
+    cot: bool = Field(False, description="the judge reasons first, then its letter is scored; labels clamped to cot_band")
+    cot_band: tuple[float, float] = Field((0.4, 0.6), description="chain-of-thought labels are clamped into [low, high]")
+    cot_max_tokens: int = Field(128, ge=1, description="tokens of reasoning per comparison")
+    min_confidence: float = Field(0.6, ge=0.5, le=1, description="pairs with p_chosen below this are kept but flagged")
+    seed: int = Field(0, description="seed for principle draws and sampling")
+    params: GenParams = Field(GenParams(temperature=0.9, top_p=0.95, max_tokens=128),
+                              description="candidates = samples: sampling settings (n comes from judge.n)")
+
+    @field_validator("principles")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or 'all'")
+        return v
+
+    @field_validator("cot_band")
+    @classmethod
+    def _band(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= 0.5 <= v[1] <= 1:
+            raise ValueError(f"must be [low, high] with 0 <= low <= 0.5 <= high <= 1, got {list(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> "JudgeConfig":
+        if self.candidates == "file" and self.responses is None:
+            raise ValueError("candidates = 'file' needs judge.responses (a JSONL of {'prompt', 'responses'})")
+        return self
+
+
+STAGES = ("generate", "bootstrap", "instances", "critique", "judge")
 
 
 class RunConfig(Strict):
@@ -151,13 +199,14 @@ class RunConfig(Strict):
     name: str = Field("demo", description="run folder name under output_dir")
     output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
     backend: BackendConfig = BackendConfig()
-    stages: list[Literal["generate", "bootstrap", "instances", "critique"]] = Field(
+    stages: list[Literal["generate", "bootstrap", "instances", "critique", "judge"]] = Field(
         ["generate"], description="stages to run, in order"
     )
     generate: GenerateConfig = GenerateConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     instances: InstancesConfig = InstancesConfig()
     critique: CritiqueConfig = CritiqueConfig()
+    judge: JudgeConfig = JudgeConfig()
 
     @field_validator("name")
     @classmethod

@@ -76,9 +76,8 @@ def change_messages(critique_msgs: Messages, critique: str) -> Messages:
 # -- prompts to work on -------------------------------------------------------------------------
 
 
-def load_prompts(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
-    """(id, prompt) pairs: from the configured JSONL file, else from the run's tasks."""
-    path = cfg.critique.prompts
+def load_prompts(path: Path | None, limit: int | None, run_dir: Path) -> list[tuple[str, str]]:
+    """(id, prompt) pairs: from a JSONL file of {"prompt": ...}, else from the run's tasks."""
     out: list[tuple[str, str]] = []
     if path is not None:
         for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
@@ -94,11 +93,11 @@ def load_prompts(cfg: RunConfig, run_dir: Path) -> list[tuple[str, str]]:
     else:
         tasks = run_dir / "tasks.jsonl"
         if not tasks.is_file():
-            raise FileNotFoundError(f"{tasks}: no prompts; run bootstrap and instances first, or set critique.prompts")
+            raise FileNotFoundError(f"{tasks}: no prompts; run bootstrap and instances first, or name a prompts file")
         for t in Store(tasks, Task).records():
             first = t.instances[0].input if t.instances else ""
             out.append((t.key, f"{t.instruction}\n\n{first}" if first else t.instruction))
-    return out[: cfg.critique.limit] if cfg.critique.limit else out
+    return out[:limit] if limit else out
 
 
 # -- the stage ----------------------------------------------------------------------------------
@@ -108,7 +107,7 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
     cc = cfg.critique
     constitution = load_constitution(cc.constitution)
     digest = file_sha256(cc.constitution)
-    prompts = load_prompts(cfg, run_dir)
+    prompts = load_prompts(cc.prompts, cc.limit, run_dir)
     settings = {
         "model": backend.model_id,
         "constitution": digest,

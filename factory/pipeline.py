@@ -11,6 +11,7 @@ from factory.constitution import load_constitution
 from factory.critique import run_critique
 from factory.generate import run_generate
 from factory.instances import run_instances
+from factory.judge import run_judge
 from factory.llm import load_backend
 from factory.llm.base import Backend
 from factory.manifest import write_manifest
@@ -23,6 +24,7 @@ STAGE_FNS: dict[str, StageFn] = {
     "bootstrap": run_bootstrap,
     "instances": run_instances,
     "critique": run_critique,
+    "judge": run_judge,
 }
 
 
@@ -43,6 +45,9 @@ def input_files(cfg: RunConfig) -> list[Path]:
         files.append(cfg.critique.constitution)
         if cfg.critique.prompts is not None:
             files.append(cfg.critique.prompts)
+    if "judge" in cfg.stages:
+        files.append(cfg.judge.constitution)
+        files += [f for f in (cfg.judge.responses, cfg.judge.prompts) if f is not None]
     return files
 
 
@@ -55,6 +60,8 @@ def check_inputs(cfg: RunConfig) -> None:
         load_seeds(path)
     if "critique" in cfg.stages:
         load_constitution(cfg.critique.constitution)  # nothing runs on a half-valid constitution
+    if "judge" in cfg.stages:
+        load_constitution(cfg.judge.constitution)
     made_here = cfg.run_dir / "instructions.jsonl"
     if "instances" in cfg.stages and "bootstrap" not in cfg.stages and not made_here.is_file():
         raise FileNotFoundError(f"{made_here}: no instructions to write instances for; run the bootstrap stage first")
@@ -62,6 +69,15 @@ def check_inputs(cfg: RunConfig) -> None:
     needs_tasks = "critique" in cfg.stages and cfg.critique.prompts is None and "instances" not in cfg.stages
     if needs_tasks and not tasks_here.is_file():
         raise FileNotFoundError(f"{tasks_here}: no prompts to critique; run instances first, or set critique.prompts")
+    jc = cfg.judge
+    if "judge" in cfg.stages and jc.candidates == "critique" and "critique" not in cfg.stages:
+        if not (cfg.run_dir / "revisions.jsonl").is_file():
+            raise FileNotFoundError(f"{cfg.run_dir / 'revisions.jsonl'}: nothing to judge; run the critique stage "
+                                    "first, or set judge.candidates to samples or file")
+    if "judge" in cfg.stages and jc.candidates == "samples" and jc.prompts is None and "instances" not in cfg.stages:
+        if not tasks_here.is_file():
+            raise FileNotFoundError(f"{tasks_here}: no prompts to sample responses for; run instances first, "
+                                    "or set judge.prompts")
 
 
 def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[str], None] = print) -> list[StageSummary]:

@@ -229,3 +229,70 @@ class PreferencePair(Record):
     chosen: str
     rejected: str
     source: str
+
+
+# -- judge: AI preferences (RLAIF) --------------------------------------------------------------
+
+
+class Comparison(BaseModel):
+    """One judged comparison of responses ``i`` and ``j`` of a group under one principle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    i: int
+    j: int
+    principle_id: str
+    p_orders: list[float]
+    """P(response i is better) under each presentation order: pairwise, [i shown as (A), i shown as (B)];
+    K-way choice, one per rotation of the letters (p_i / (p_i + p_j) within it)"""
+    p: float
+    """their mean (clamped to the chain-of-thought band, if reasoning was asked for)"""
+    reasoning: list[str] = []
+    """chain-of-thought mode: the judge's reasoning for each order"""
+
+
+class Judgment(Record):
+    """Every comparison the judge made for one prompt's responses (``judgments.jsonl``, the source of truth)."""
+
+    prompt: str
+    """the conversation as text: the user's message, or a Human/Assistant transcript for several turns"""
+    messages: list[dict[str, str]]
+    """the conversation before the responses, as chat messages"""
+    responses: list[str]
+    candidates: str
+    """where the responses came from: samples, critique or file"""
+    source: str
+    """the id or key of what the prompt came from"""
+    principles: list[str]
+    """ids of the principles the responses were judged under"""
+    mode: Literal["pairwise", "choice"]
+    comparisons: list[Comparison]
+    dropped: str | None = None
+    """why nothing was judged (``identical_responses``), if so"""
+    judge_model: str
+
+
+class Preference(Record):
+    """A preference pair with a soft label (``preferences.jsonl``; also imported human pairs)."""
+
+    prompt: str
+    """the conversation as text (see ``Judgment.prompt``)"""
+    messages: list[dict[str, str]]
+    """the conversation before the responses, as chat messages"""
+    chosen: str
+    rejected: str
+    p_chosen: float
+    """P(chosen is better): the judge's soft label, 1.0 for a human label, from the score gap for votes"""
+    margin: float
+    """p_chosen - (1 - p_chosen), in [0, 1]"""
+    principles: list[str] = []
+    judge_model: str
+    """the judge's model id, or ``human`` / ``votes`` for imported pairs"""
+    p_orders: list[float] = []
+    """P(chosen is better) under each presentation order, averaged over principles"""
+    consistent: bool | None = None
+    """whether every presentation order preferred the chosen response (None for imported pairs)"""
+    low_confidence: bool = False
+    """p_chosen below the judge's ``min_confidence``: kept, but flagged"""
+    source: str
+    """key of the ``Judgment`` (or the file and line) it came from"""

@@ -1,0 +1,310 @@
+"""The `judge` stage: an AI judge compares responses under principles and yields soft-labelled
+preference pairs (RLAIF, as in Constitutional AI's RL stage, Bai et al. 2022).
+
+The judge sees the conversation, the responses labelled (A), (B), ... and a principle's judge
+question. Its answer is never parsed from free text: the reply is prefilled up to the letter and
+``option_logprobs`` over the letters gives a soft label p(A).
+
+Small judges prefer whatever is shown first, so every comparison is made in every order (both
+orders of a pair; every rotation of the letters in a K-way choice) and the probabilities are
+averaged; how often the orders disagree is recorded as the position-flip rate. Each prompt may be
+judged under several principles drawn by weight, averaged too. With chain of thought the judge
+writes its reasoning first and the letter after it is scored; such labels are overconfident
+(Bai et al. 2022, section 4.1), so they are clamped into a band, 0.4-0.6 by default.
+
+``judgments.jsonl`` keeps every comparison of a prompt's responses (the source of truth);
+``preferences.jsonl`` holds the pairs derived from it, and ``pairs_standard.jsonl`` /
+``pairs_conversational.jsonl`` the same pairs in TRL's two preference formats.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+from tqdm import tqdm
+
+from factory.config import RunConfig
+from factory.constitution import Constitution, Principle, load_constitution, render
+from factory.critique import load_prompts
+from factory.llm.base import Backend, GenParams, Messages
+from factory.preferences import FORMATS, prompt_text, write_jsonl
+from factory.records import Comparison, Judgment, Preference, Revision, file_sha256, work_key
+from factory.store import Store, StoreError
+from factory.summary import StageSummary
+
+OUTPUT = "judgments.jsonl"
+PAIRS = "preferences.jsonl"
+EXPORTS = {"standard": "pairs_standard.jsonl", "conversational": "pairs_conversational.jsonl"}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+JUDGE_SYSTEM = "You are a fair judge of AI assistant replies. You answer with one letter."
+COT_SYSTEM = "You are a fair judge of AI assistant replies. You think before you answer."
+ANSWER_PREFILL = "Answer: ("
+COT_ANSWER = "\n\nAnswer: ("
+
+
+# -- prompts (pure) -----------------------------------------------------------------------------
+
+
+def _letters(k: int) -> str:
+    shown = LETTERS[:k]
+    return f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def judge_messages(conversation: str, question: str, responses: Sequence[str], cot: bool = False) -> Messages:
+    """The judge's request: the conversation, the responses as (A), (B), ..., and the question.
+
+    Without reasoning the reply is prefilled up to the letter, whose probability is then read;
+    with it, the judge is asked to think first (see ``answer_messages``). Of five wordings tried
+    on tests/fixtures/human_pairs.jsonl this one agreed with the human labels most often (README).
+    """
+    shown = "\n\n".join(f"Response ({letter}): {text}" for letter, text in zip(LETTERS, responses))
+    ask = f"User message: {conversation}\n\n{shown}\n\nQuestion: {question}"
+    if cot:
+        return [{"role": "system", "content": COT_SYSTEM},
+                {"role": "user", "content": f"{ask}\nThink it through step by step, then name the better response: "
+                                            f"{_letters(len(responses))}."}]
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": ask},
+            {"role": "assistant", "content": ANSWER_PREFILL}]
+
+
+def answer_messages(request: Messages, reasoning: str) -> Messages:
+    """After chain-of-thought: the judge's reasoning, prefilled up to its letter."""
+    return request + [{"role": "assistant", "content": reasoning.strip() + COT_ANSWER}]
+
+
+# -- judging (batched) --------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    """One prompt's responses, to be compared under the given principles."""
+
+    messages: Messages
+    responses: list[str]
+    principles: list[Principle]
+
+
+def presentations(k: int, mode: Literal["pairwise", "choice"]) -> list[tuple[int, ...]]:
+    """The orders responses are shown in: both orders of every pair, or every rotation of all k."""
+    if mode == "pairwise":
+        return [order for i, j in itertools.combinations(range(k), 2) for order in ((i, j), (j, i))]
+    return [tuple((start + t) % k for t in range(k)) for start in range(k)]
+
+
+def draw_principles(constitution: Constitution, rng: random.Random, count: int | Literal["all"]) -> list[Principle]:
+    """``count`` distinct principles drawn by weight (a repeat would be the same judgment again)."""
+    if count == "all":
+        return list(constitution.principles)
+    pool, out = list(constitution.principles), []
+    for _ in range(min(count, len(pool))):
+        pick = rng.choices(pool, weights=[p.weight for p in pool])[0]
+        pool.remove(pick)
+        out.append(pick)
+    return out
+
+
+def judge_groups(backend: Backend, groups: Sequence[Group], mode: Literal["pairwise", "choice"] = "pairwise",
+                 cot: bool = False, band: tuple[float, float] = (0.4, 0.6),
+                 cot_max_tokens: int = 128) -> list[list[Comparison]]:
+    """Every comparison of every group, made in every presentation order, in as few batched calls as possible."""
+    asks: list[Messages] = []
+    shown: list[tuple[int, Principle, tuple[int, ...]]] = []  # (group, principle, order) of each request
+    for g, group in enumerate(groups):
+        conversation = prompt_text(group.messages)
+        for principle in group.principles:
+            question = render(principle.judge, prompt=conversation)
+            for order in presentations(len(group.responses), mode):
+                asks.append(judge_messages(conversation, question, [group.responses[i] for i in order], cot))
+                shown.append((g, principle, order))
+    reasoning = [""] * len(asks)
+    if cot and asks:
+        greedy = GenParams(temperature=0.0, max_tokens=cot_max_tokens)
+        reasoning = [c[0].text for c in backend.generate(asks, greedy)]
+        asks = [answer_messages(a, r) for a, r in zip(asks, reasoning)]
+    # Requests are grouped by option count: one call per pool of letters.
+    scores: list[dict[str, float]] = [{} for _ in asks]
+    for width in sorted({len(order) for _, _, order in shown}):
+        idx = [n for n, (_, _, order) in enumerate(shown) if len(order) == width]
+        for n, s in zip(idx, backend.option_logprobs([asks[n] for n in idx], list(LETTERS[:width]))):
+            scores[n] = s
+    # P(response i is better than j) in each order that shows both: p_i / (p_i + p_j) there.
+    seen: dict[tuple[int, str, int, int], tuple[list[float], list[str]]] = {}
+    for n, (g, principle, order) in enumerate(shown):
+        prob = {resp: math.exp(scores[n][LETTERS[pos]]) for pos, resp in enumerate(order)}
+        for i, j in itertools.combinations(sorted(order), 2):
+            p_orders, why = seen.setdefault((g, principle.id, i, j), ([], []))
+            total = prob[i] + prob[j]
+            p_orders.append(prob[i] / total if total > 0 else 0.5)
+            if cot:
+                why.append(reasoning[n])
+    out: list[list[Comparison]] = [[] for _ in groups]
+    for (g, pid, i, j), (p_orders, why) in seen.items():
+        p = sum(p_orders) / len(p_orders)
+        if cot:
+            p = min(max(p, band[0]), band[1])
+        out[g].append(Comparison(i=i, j=j, principle_id=pid, p_orders=p_orders, p=p, reasoning=why))
+    return out
+
+
+def preferences(judgment: Judgment, min_confidence: float) -> list[Preference]:
+    """One pair per judged (i, j): the label averaged over principles, the winner as chosen."""
+    by_pair: dict[tuple[int, int], list[Comparison]] = {}
+    for c in judgment.comparisons:
+        by_pair.setdefault((c.i, c.j), []).append(c)
+    out = []
+    for (i, j), comps in by_pair.items():
+        p = sum(c.p for c in comps) / len(comps)
+        orders = [sum(vals) / len(vals) for vals in zip(*(c.p_orders for c in comps))]
+        chosen, rejected = (i, j) if p >= 0.5 else (j, i)
+        if chosen != i:
+            p, orders = 1 - p, [1 - v for v in orders]
+        out.append(Preference(
+            key=f"{judgment.key}:{chosen}>{rejected}", prompt=judgment.prompt, messages=judgment.messages,
+            chosen=judgment.responses[chosen], rejected=judgment.responses[rejected], p_chosen=p, margin=2 * p - 1,
+            principles=sorted({c.principle_id for c in comps}), judge_model=judgment.judge_model, p_orders=orders,
+            consistent=all(v > 0.5 for v in orders), low_confidence=p < min_confidence, source=judgment.key,
+        ))
+    return out
+
+
+# -- candidates ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    key: str
+    source: str
+    messages: Messages
+    responses: list[str] | None
+    """None for ``samples``: drawn when the item is judged"""
+
+
+def _file_items(path: Path) -> list[tuple[str, Messages, list[str]]]:
+    """(id, messages, responses) from a JSONL of {"prompt": text or messages, "responses": [...], "id"?}."""
+    out = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{where}: not a JSON object: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise StoreError(f"{where}: expected an object with 'prompt' and 'responses'")
+        prompt, responses = obj.get("prompt"), obj.get("responses")
+        if isinstance(prompt, str) and prompt.strip():
+            messages = [{"role": "user", "content": prompt}]
+        elif (isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
+                and isinstance(m["content"], str) for m in prompt) and prompt[-1]["role"] == "user"):
+            messages = prompt
+        else:
+            raise StoreError(f"{where}: 'prompt' must be a non-empty string or a list of role/content messages "
+                             "ending with the user's")
+        if not (isinstance(responses, list) and len(responses) >= 2 and all(isinstance(r, str) for r in responses)):
+            raise StoreError(f"{where}: 'responses' must be a list of at least two strings")
+        out.append((str(obj.get("id", f"line-{number}")), messages, responses))
+    return out
+
+
+def load_items(cfg: RunConfig, run_dir: Path, settings: dict) -> list[Item]:
+    jc = cfg.judge
+    raw: list[tuple[str, Messages, list[str] | None]] = []
+    if jc.candidates == "critique":
+        path = run_dir / "revisions.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: nothing to judge; run the critique stage first")
+        raw = [(r.key, [{"role": "user", "content": r.prompt}], [r.initial, r.final])
+               for r in Store(path, Revision).records()]
+    elif jc.candidates == "file":
+        raw = _file_items(jc.responses)
+    else:
+        raw = [(pid, [{"role": "user", "content": text}], None) for pid, text in load_prompts(jc.prompts, None, run_dir)]
+    items, seen = [], set()
+    for source, messages, responses in raw[: jc.limit] if jc.limit else raw:
+        key = work_key({"messages": messages, "responses": responses}, settings)
+        if key not in seen:  # the same prompt and responses twice are one item
+            seen.add(key)
+            items.append(Item(key, source, messages, responses))
+    return items
+
+
+def _distinct(responses: list[str]) -> list[str]:
+    # Identical responses cannot be preferred to each other; keep the first of each.
+    out: list[str] = []
+    for r in responses:
+        if r.strip() and r.strip() not in {o.strip() for o in out}:
+            out.append(r)
+    return out
+
+
+# -- the stage ----------------------------------------------------------------------------------
+
+
+def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+    jc = cfg.judge
+    constitution = load_constitution(jc.constitution)
+    settings = {
+        "model": backend.model_id,
+        "constitution": file_sha256(jc.constitution),
+        "config": jc.model_dump(mode="json", exclude={"constitution", "responses", "prompts", "limit", "min_confidence"}),
+    }
+    items = load_items(cfg, run_dir, settings)
+    store = Store(run_dir / OUTPUT, Judgment)
+    pairs = Store(run_dir / PAIRS, Preference)
+    keys = {it.key for it in items}
+    done = [j for j in store.records() if j.key in keys]
+    pairs.append([p for j in done for p in preferences(j, jc.min_confidence) if p.key not in pairs])  # after a crash
+    todo = [it for it in items if it.key not in store]
+    # A batch holds about batch_size judge requests: n responses make n(n-1) ordered pairs each.
+    k = jc.n if jc.candidates == "samples" else 2
+    per_batch = max(1, cfg.backend.batch_size // (k * (k - 1)))
+    written = 0
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="judge", unit="prompt") as bar:
+        for start in range(0, len(todo), per_batch):
+            batch = todo[start : start + per_batch]
+            if jc.candidates == "samples":
+                # 1. Sample the candidates (n per prompt).
+                params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
+                for it, completions in zip(batch, backend.generate([it.messages for it in batch], params)):
+                    it.responses = [c.text for c in completions]
+            # 2. Principles for each prompt, drawn by weight; identical responses are dropped.
+            groups = [Group(it.messages, _distinct(it.responses),
+                            draw_principles(constitution, random.Random(f"{jc.seed}:{it.key}"), jc.principles))
+                      for it in batch]
+            judged = [g for g in groups if len(g.responses) >= 2]
+            # 3. Judge every comparison in every order (one batched scoring call).
+            mode = "choice" if jc.kway == "choice" else "pairwise"
+            results = iter(judge_groups(backend, judged, mode, jc.cot, jc.cot_band, jc.cot_max_tokens))
+            records = []
+            for it, g in zip(batch, groups):
+                ok = len(g.responses) >= 2
+                records.append(Judgment(
+                    key=it.key, prompt=prompt_text(it.messages), messages=it.messages, responses=g.responses,
+                    candidates=jc.candidates, source=it.source, principles=[p.id for p in g.principles],
+                    mode="choice" if ok and len(g.responses) > 2 and jc.kway == "choice" else "pairwise",
+                    comparisons=next(results) if ok else [], dropped=None if ok else "identical_responses",
+                    judge_model=backend.model_id,
+                ))
+            written += store.append(records)  # the source of truth first
+            pairs.append([p for j in records for p in preferences(j, jc.min_confidence)])
+            done += records
+            bar.update(len(batch))
+    made = [p for j in done for p in preferences(j, jc.min_confidence)]
+    for name, path in EXPORTS.items():
+        write_jsonl(run_dir / path, FORMATS[name](made))
+    flips = sum(not p.consistent for p in made)
+    note = (f"{len(made)} pairs under '{constitution.name}' -> {PAIRS}, {', '.join(EXPORTS.values())}; "
+            f"position flips {flips}/{len(made)}; flagged low-confidence {sum(p.low_confidence for p in made)}")
+    if made:
+        note += f"; mean p_chosen {sum(p.p_chosen for p in made) / len(made):.3f}"
+    rejected = Counter(j.dropped for j in done if j.dropped)
+    return StageSummary("judge", len(items), len(items) - len(todo), written, store.path, rejected, note)
