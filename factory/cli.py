@@ -377,12 +377,13 @@ def prepare():
 
 def _show_samples(cfg: RunConfig, count: int) -> None:
     """A few records of the last stage that ran, so a run ends by showing what it made."""
-    from factory.records import Generation, Instruction, Revision, Task
+    from factory.records import Generation, Instruction, Preference, Revision, Task
     from factory.store import read_jsonl
 
     last = cfg.stages[-1]
     files = {"generate": ("generations.jsonl", Generation), "bootstrap": ("instructions.jsonl", Instruction),
-             "instances": ("tasks.jsonl", Task), "critique": ("revisions.jsonl", Revision)}
+             "instances": ("tasks.jsonl", Task), "critique": ("revisions.jsonl", Revision),
+             "judge": ("preferences.jsonl", Preference)}
     name, record_type = files[last]
     path = cfg.run_dir / name
     if not path.is_file():
@@ -401,6 +402,11 @@ def _show_samples(cfg: RunConfig, count: int) -> None:
             for rd in rec.rounds:
                 click.echo(f"  critique under '{rd.principle_id}': {rd.critique}")
             click.echo(f"  final revision: {rec.final}")
+        elif isinstance(rec, Preference):
+            flag = ", low confidence" if rec.low_confidence else ""
+            click.secho(f"{rec.prompt}  [p_chosen {rec.p_chosen:.2f}, orders "
+                        f"{', '.join(f'{q:.2f}' for q in rec.p_orders)}{flag}]", bold=True)
+            click.echo(f"  chosen:   {rec.chosen}\n  rejected: {rec.rejected}")
         elif isinstance(rec, Instruction):
             click.secho(rec.instruction, bold=True)
             click.echo(f"  closest pool instruction ({rec.most_similar[0].score:.2f}): {rec.most_similar[0].instruction}")

@@ -30,7 +30,7 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
 
 def test_demo_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.toml")
-    assert cfg.stages == ["bootstrap", "instances", "critique"] and cfg.backend.spec == "hf:embedded"
+    assert cfg.stages == ["bootstrap", "instances", "critique", "judge"] and cfg.backend.spec == "hf:embedded"
 
 
 def test_unknown_key_names_the_path(tmp_path):
