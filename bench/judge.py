@@ -10,7 +10,7 @@ pair (within 1e-3: batching and padding must not change the answer), or the scri
 Runs alternate between the two after a warm-up and the best of each is kept, because these
 machines are shared and noisy: the ratio is what matters.
 
-    python bench/judge.py [--pairs 24] [--batch-size 64] [--repeats 1] [--principle accuracy]
+    python bench/judge.py [--pairs 24] [--batch-size 64] [--repeats 1] [--threads 0] [--principle accuracy]
 """
 
 from __future__ import annotations
@@ -62,12 +62,15 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=24)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--data", default=str(REPO / "tests/fixtures/human_pairs.jsonl"))
     ap.add_argument("--constitution", default=str(REPO / "principles/helpful-honest.yaml"))
     ap.add_argument("--principle", default="accuracy")
     ap.add_argument("--json", help="also write the results to this file")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     principle = load_constitution(Path(args.constitution)).get(args.principle)
     pairs, _ = import_hh(Path(args.data))
     groups = [Group(p.messages, [p.chosen, p.rejected], [principle]) for p in pairs[: args.pairs]]

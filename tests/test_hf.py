@@ -158,3 +158,20 @@ def test_shared_prefix_cache_gives_the_same_scores(hf_embedded, monkeypatch):
     for c, p in zip(cached, plain):
         for o in options:
             assert c[o] == pytest.approx(p[o], abs=1e-4)
+
+
+def test_single_token_options_read_from_one_row_match_brute_force(hf_embedded, monkeypatch):
+    # A/B (the judge) and Yes/No take the fast path: one row per prompt, every option read
+    # from its last logits. It must give what scoring each option on its own row gives.
+    import factory.llm.hf as hf
+
+    system = {"role": "system", "content": "You are a fair judge of AI assistant replies. You answer with one letter."}
+    requests = [[system, chat(f"Which is bigger? (A) {a} (B) {b}")[0], {"role": "assistant", "content": "Answer: ("}]
+                for a, b in (("3", "30"), ("an elephant", "a mouse"), ("1 kg", "2 kg"))]
+    assert all(len(hf_embedded.tokenizer(o, add_special_tokens=False)["input_ids"]) == 1 for o in "AB")
+    for messages, row in zip(requests, hf_embedded.option_logprobs(requests, ["A", "B"])):
+        want = brute_force(hf_embedded, messages, ["A", "B"])
+        assert row["A"] == pytest.approx(want["A"], abs=1e-4) and row["B"] == pytest.approx(want["B"], abs=1e-4)
+    monkeypatch.setattr(hf, "MIN_SHARED_PREFIX", 10**9)  # no shared-prefix cache: the same scores
+    for messages, row in zip(requests, hf_embedded.option_logprobs(requests, ["A", "B"])):
+        assert row["A"] == pytest.approx(brute_force(hf_embedded, messages, ["A", "B"])["A"], abs=1e-4)

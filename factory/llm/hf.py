@@ -137,8 +137,20 @@ class HFBackend:
         # the model would have to emit it after the generation prompt.
         opt_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts]
         prompts = [self.encode(r) for r in requests]
-        pairs = [(p, k) for p in range(len(prompts)) for k in range(len(opts))]
         scores = [[0.0] * len(opts) for _ in prompts]
+        if all(len(o) == 1 for o in opt_ids):
+            # Single-token options (A/B, Yes/No): one row per prompt, all options read from
+            # its last logits; a row per (prompt, option) would run every prompt k times.
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                last = self._forward([prompts[i] for i in chunk], keep=1)[:, -1]
+                picked = last[:, [o[0] for o in opt_ids]].tolist()
+                for i, row in zip(chunk, picked):
+                    scores[i] = row
+            return [normalise(dict(zip(opts, row))) for row in scores]
+        # Longest first, as in generate: similar lengths share a batch.
+        pairs = sorted(((p, k) for p in range(len(prompts)) for k in range(len(opts))), key=lambda pk: -len(prompts[pk[0]]))
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
             logps = self._score_batch([prompts[p] for p, _ in chunk], [opt_ids[k] for _, k in chunk])
@@ -146,18 +158,30 @@ class HFBackend:
                 scores[p][k] = lp
         return [normalise(dict(zip(opts, row))) for row in scores]
 
-    @torch.inference_mode()
     def _score_batch(self, prompts: list[list[int]], options: list[list[int]]) -> list[float]:
-        """Sum of log p(option tokens | prompt) for each pair, in one forward pass.
+        """Sum of log p(option tokens | prompt) for each pair, in one forward pass."""
+        keep = max(len(o) for o in options) + 1
+        logprobs = self._forward([p + o for p, o in zip(prompts, options)], keep, min(len(p) for p in prompts) - 1)
+        out = []
+        for row, o in enumerate(options):
+            # logits at position t predict token t+1; the option occupies the last len(o) slots.
+            preds = logprobs[row, keep - 1 - len(o) : keep - 1]
+            target = torch.tensor(o, device=preds.device).unsqueeze(-1)
+            out.append(preds.gather(-1, target).sum().item())
+        return out
+
+    @torch.inference_mode()
+    def _forward(self, seqs: list[list[int]], keep: int, max_shared: int | None = None) -> torch.Tensor:
+        """Log-probabilities at the last ``keep`` positions of each sequence, one forward pass.
 
         Rows of one batch often share a long start (a system turn, few-shot examples, the
         same prompt under every option). That shared prefix is run once, and its key/value
-        cache serves every row, so each row costs only its own tail.
+        cache serves every row, so each row costs only its own tail. ``max_shared`` keeps the
+        positions whose logits are read out of the prefix.
         """
-        seqs = [p + o for p, o in zip(prompts, options)]
-        # Keep at least the option tokens and the token before them out of the prefix: their
-        # logits are what we read.
-        shared = min(_common_prefix(seqs), min(len(p) for p in prompts) - 1)
+        shared = min(_common_prefix(seqs), min(len(s) for s in seqs) - keep)
+        if max_shared is not None:
+            shared = min(shared, max_shared)
         cache = None
         if shared >= MIN_SHARED_PREFIX:
             prefix = torch.tensor([seqs[0][:shared]], device=self.device)
@@ -170,20 +194,12 @@ class HFBackend:
         # continue from the prefix as if it were not there.
         mask = torch.cat([torch.ones((len(seqs), shared), dtype=torch.long, device=self.device), tail_mask], dim=1)
         positions = shared + (tail_mask.cumsum(-1) - 1).clamp(min=0)
-        # Left padding puts every option at the right edge, so only the last k+1 positions'
-        # logits matter (k = longest option); skipping the rest saves a B x T x vocab tensor.
-        keep = max(len(o) for o in options) + 1
+        # Left padding puts every sequence's end at the right edge, so only the last ``keep``
+        # positions' logits matter; skipping the rest saves a B x T x vocab tensor.
         logits = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=keep
         ).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        out = []
-        for row, o in enumerate(options):
-            # logits at position t predict token t+1; the option occupies the last len(o) slots.
-            preds = logprobs[row, keep - 1 - len(o) : keep - 1]
-            target = torch.tensor(o, device=preds.device).unsqueeze(-1)
-            out.append(preds.gather(-1, target).sum().item())
-        return out
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def close(self) -> None:
         self.model = None
