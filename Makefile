@@ -29,6 +29,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/dedup.py
+	$(BIN)/python bench/judge.py
 	$(BIN)/python bench/steer.py
 
 clean-venv:

@@ -162,8 +162,9 @@ stage_command(
     Candidates ([judge] candidates): each critiqued prompt's first answer vs its final
     revision (default), n sampled responses per prompt, or a JSONL of prompt + responses.
     The judge's letter is scored with option log-probabilities, never parsed from text;
-    every pair is judged in both orders and the two probabilities averaged, under
-    [judge] principles principles drawn by weight. judgments.jsonl keeps every comparison.
+    every pair is judged in both orders and the two probabilities averaged, under as
+    many principles as [judge] principles says, drawn by weight and averaged too.
+    judgments.jsonl keeps every comparison.
     """,
 )
 
