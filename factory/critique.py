@@ -14,7 +14,6 @@ Every round is kept in ``revisions.jsonl`` with the exact requests the model saw
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections import Counter
@@ -26,7 +25,7 @@ from factory.config import RunConfig
 from factory.constitution import Constitution, Principle, load_constitution, render
 from factory.llm.base import Backend, Messages
 from factory.records import ChatExample, PreferencePair, Revision, Round, Task, file_sha256, work_key
-from factory.store import Store, StoreError
+from factory.store import Store, StoreError, input_objects
 from factory.summary import StageSummary
 
 OUTPUT = "revisions.jsonl"
@@ -80,15 +79,10 @@ def load_prompts(path: Path | None, limit: int | None, run_dir: Path) -> list[tu
     """(id, prompt) pairs: from a JSONL file of {"prompt": ...}, else from the run's tasks."""
     out: list[tuple[str, str]] = []
     if path is not None:
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StoreError(f"{path}:{number}: not a JSON object: {e.msg}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise StoreError(f"{path}:{number}: expected an object with a non-empty string 'prompt'")
+        expected = "an object with a non-empty string 'prompt'"
+        for number, obj in input_objects(path, expected):
+            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise StoreError(f"{path}:{number}: expected {expected}")
             out.append((str(obj.get("id", f"line-{number}")), obj["prompt"]))
     else:
         tasks = run_dir / "tasks.jsonl"

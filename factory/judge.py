@@ -20,7 +20,6 @@ writes its reasoning first and the letter after it is scored; such labels are ov
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 from collections import Counter
@@ -36,7 +35,7 @@ from factory.critique import load_prompts
 from factory.llm.base import Backend, GenParams, Messages
 from factory.preferences import FORMATS, prompt_text, write_jsonl
 from factory.records import Comparison, Judgment, Preference, Revision, file_sha256, work_key
-from factory.store import Store, StoreError
+from factory.store import Store, StoreError, input_objects
 from factory.summary import StageSummary
 
 OUTPUT = "judgments.jsonl"
@@ -189,16 +188,8 @@ class Item:
 def _file_items(path: Path) -> list[tuple[str, Messages, list[str]]]:
     """(id, messages, responses) from a JSONL of {"prompt": text or messages, "responses": [...], "id"?}."""
     out = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
+    for number, obj in input_objects(path, "an object with 'prompt' and 'responses'"):
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{where}: not a JSON object: {e.msg}") from None
-        if not isinstance(obj, dict):
-            raise StoreError(f"{where}: expected an object with 'prompt' and 'responses'")
         prompt, responses = obj.get("prompt"), obj.get("responses")
         if isinstance(prompt, str) and prompt.strip():
             messages = [{"role": "user", "content": prompt}]
@@ -240,8 +231,10 @@ def load_items(cfg: RunConfig, run_dir: Path, settings: dict) -> list[Item]:
 def _distinct(responses: list[str]) -> list[str]:
     # Identical responses cannot be preferred to each other; keep the first of each.
     out: list[str] = []
+    seen: set[str] = set()
     for r in responses:
-        if r.strip() and r.strip() not in {o.strip() for o in out}:
+        if r.strip() and r.strip() not in seen:
+            seen.add(r.strip())
             out.append(r)
     return out
 
@@ -262,7 +255,8 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
     pairs = Store(run_dir / PAIRS, Preference)
     keys = {it.key for it in items}
     done = [j for j in store.records() if j.key in keys]
-    pairs.append([p for j in done for p in preferences(j, jc.min_confidence) if p.key not in pairs])  # after a crash
+    made = [p for j in done for p in preferences(j, jc.min_confidence)]
+    pairs.append([p for p in made if p.key not in pairs])  # pairs lost in a crash after their judgment
     todo = [it for it in items if it.key not in store]
     # A batch holds about batch_size judge requests: n responses make n(n-1) ordered pairs each.
     k = jc.n if jc.candidates == "samples" else 2
@@ -295,10 +289,11 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
                     judge_model=backend.model_id,
                 ))
             written += store.append(records)  # the source of truth first
-            pairs.append([p for j in records for p in preferences(j, jc.min_confidence)])
+            new = [p for j in records for p in preferences(j, jc.min_confidence)]
+            pairs.append(new)
+            made += new
             done += records
             bar.update(len(batch))
-    made = [p for j in done for p in preferences(j, jc.min_confidence)]
     for name, path in EXPORTS.items():
         write_jsonl(run_dir / path, FORMATS[name](made))
     flips = sum(not p.consistent for p in made)

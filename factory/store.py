@@ -12,10 +12,11 @@ lines another process appends behind its back.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
-from typing import Generic, Sequence, TypeVar
+from typing import Any, Generic, Iterator, Sequence, TypeVar
 
 from pydantic import ValidationError
 
@@ -41,6 +42,25 @@ def read_jsonl(path: Path, model: type[R]) -> list[R]:
     if size > end:
         _warn_torn(Path(path), size - end)
     return records
+
+
+def input_objects(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, JSON value) of every non-blank line of a user's JSONL input file.
+
+    A line that is not JSON is an error naming the file and line. The value is whatever the
+    line holds; the caller checks its shape (``expected`` says what it should be, for the message
+    on a line that holds no object at all).
+    """
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{path}:{number}: not a JSON object: {e.msg}") from None
+        if not isinstance(obj, dict):
+            raise StoreError(f"{path}:{number}: expected {expected}")
+        yield number, obj
 
 
 def _scan(path: Path, model: type[R]) -> tuple[list[R], int, int]:

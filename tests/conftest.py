@@ -169,3 +169,18 @@ def seeded_dir(tmp_path, monkeypatch) -> Path:
     (tmp_path / "seeds").mkdir()
     shutil.copy(Path(__file__).parents[1] / "seeds" / "seed_tasks.jsonl", tmp_path / "seeds" / "seed_tasks.jsonl")
     return tmp_path
+
+
+def kill_once_written(cmd: list[str], cwd: Path, out: Path, lines: int, poll_s: float = 0.2,
+                      timeout_s: float = 600) -> bytes:
+    """Start ``cmd``, SIGKILL its process group as soon as ``out`` holds ``lines`` complete lines,
+    and return the bytes of ``out`` at that moment (for kill-and-restart tests)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    while not (out.is_file() and out.read_bytes().count(b"\n") >= lines):
+        assert proc.poll() is None, proc.stdout.read().decode()
+        assert time.monotonic() < deadline, f"{out.name}: {lines} line(s) not written within {timeout_s:.0f}s"
+        time.sleep(poll_s)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return out.read_bytes()

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from factory.critique import (
 )
 from factory.llm.scripted import ScriptedBackend
 from factory.records import ChatExample, PreferencePair, Revision
+from conftest import kill_once_written
 from factory.store import StoreError, read_jsonl
 
 REPO = Path(__file__).parents[1]
@@ -166,15 +164,7 @@ def test_real_model_killed_and_restarted_repeats_no_written_item(tmp_path):
     )
     out = tmp_path / "outputs" / "c" / "revisions.jsonl"
     cmd = [str(Path(sys.executable).with_name("factory")), "critique", "--config", "c.toml"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not (out.is_file() and out.read_bytes().count(b"\n") >= 2):
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.monotonic() < deadline, "no batch written in time"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = out.read_bytes()
+    before = kill_once_written(cmd, tmp_path, out, lines=2)
     written_before = before.count(b"\n")
     assert 2 <= written_before < 6
 

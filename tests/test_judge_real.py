@@ -4,12 +4,9 @@ killed and restarted; judge-eval on the human-labelled fixture."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from factory.config import load_config
 from factory.critique import run_critique
 from factory.judge import run_judge
 from factory.records import Judgment, Preference
+from conftest import kill_once_written
 from factory.store import read_jsonl
 
 REPO = Path(__file__).parents[1]
@@ -85,15 +83,7 @@ def test_judge_killed_and_restarted_repeats_no_written_judgment(tmp_path, critiq
     )
     out = run_dir / "judgments.jsonl"
     cmd = [str(Path(sys.executable).with_name("factory")), "judge", "--config", "k.toml"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while not (out.is_file() and out.read_bytes().count(b"\n") >= 1):
-        assert proc.poll() is None, proc.stdout.read().decode()
-        assert time.monotonic() < deadline, "no judgment written in time"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    before = out.read_bytes()
+    before = kill_once_written(cmd, tmp_path, out, lines=1, poll_s=0.05)
     written_before = before.count(b"\n")
     assert 1 <= written_before < PROMPTS
 
