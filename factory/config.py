@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.llm.base import GenParams
+from factory.train.settings import PPOConfig, RerankConfig, RewardConfig, SFTConfig
 
 SPEC_KINDS = ("hf", "openai", "vllm", "scripted")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -207,6 +208,10 @@ class RunConfig(Strict):
     instances: InstancesConfig = InstancesConfig()
     critique: CritiqueConfig = CritiqueConfig()
     judge: JudgeConfig = JudgeConfig()
+    sft: SFTConfig = SFTConfig()
+    rm: RewardConfig = RewardConfig()
+    ppo: PPOConfig = PPOConfig()
+    rerank: RerankConfig = RerankConfig()
 
     @field_validator("name")
     @classmethod
