@@ -184,3 +184,24 @@ def kill_once_written(cmd: list[str], cwd: Path, out: Path, lines: int, poll_s: 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     return out.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(embedded_dir: Path, tmp_path_factory) -> Path:
+    """A tiny randomly initialised Llama (2 layers, width 32) with the embedded model's tokenizer
+    and chat template, saved as a folder: trainer tests run on it in seconds."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(embedded_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    return folder
