@@ -27,13 +27,14 @@ def user_errors(fn):
     from factory.preferences import PreferenceFormatError
     from factory.seeds import SeedError
     from factory.store import StoreError
+    from factory.train import TrainError
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, SeedError, StoreError, BackendError, ConstitutionError, PreferenceFormatError,
-                FileNotFoundError) as e:
+                TrainError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
 
     return wrapper
@@ -165,6 +166,65 @@ stage_command(
     every pair is judged in both orders and the two probabilities averaged, under as
     many principles as [judge] principles says, drawn by weight and averaged too.
     judgments.jsonl keeps every comparison.
+    """,
+)
+
+
+@cli.group()
+def train():
+    """Train on the run's data: SFT on sft.jsonl, a reward model on preferences.jsonl,
+    then a policy against the reward model with PPO.
+
+    Each trainer writes into its own folder of the run (sft/, rm/, policy/): a resumable
+    checkpoint/, the final model/, and metrics.jsonl. A killed run picks up from its last
+    checkpoint when started again; a finished one is left as it is.
+    """
+
+
+def train_command(name: str, module: str, fn: str, doc: str):
+    @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help="Run config (TOML or YAML).")
+    @set_opt
+    @name_opt
+    @user_errors
+    def command(config, overrides, name):
+        import importlib
+
+        cfg = _load(config, overrides, None, name)
+        summary = getattr(importlib.import_module(module), fn)(cfg, echo=click.echo)
+        click.echo(json.dumps(summary, indent=2))
+
+    command.__doc__ = doc
+    return train.command(name=name)(command)
+
+
+train_command(
+    "sft", "factory.train.sft", "run_sft",
+    """Fine-tune a model on chat records (the run's sft.jsonl); loss on the assistant's tokens only.
+
+    Settings: [sft] (model, epochs, batch_size, lr, max_length, held_out, lora). Writes
+    sft/model/, a causal LM the hf backend loads (hf:outputs/RUN/sft/model), and a
+    checkpoint after each epoch.
+    """,
+)
+train_command(
+    "rm", "factory.train.reward", "run_reward",
+    """Train a reward model on the run's preference pairs (preferences.jsonl).
+
+    A linear head on a causal LM's backbone, Bradley-Terry loss against each pair's soft
+    label p_chosen, so an unsure pair teaches less. Prompts are split into train and
+    held-out; held-out accuracy and margin are logged each epoch. The reward is then shifted
+    so the SFT references score 0 on average. Settings: [rm]. Writes rm/model/ and rm/eval.json.
+    """,
+)
+train_command(
+    "ppo", "factory.train.ppo", "run_ppo",
+    """Optimise a policy against the reward model with PPO (RLHF), with a KL penalty to the
+    starting policy.
+
+    The policy starts from the run's sft/model (or the embedded model), the value model
+    from the reward model (rm/model); prompts are the run's tasks. Settings: [ppo]. Writes
+    policy/model/, which can generate the next round (hf:outputs/RUN/policy/model),
+    policy/metrics.jsonl and sample generations in policy/samples.jsonl.
     """,
 )
 

@@ -20,14 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from factory.train import TrainError
 from factory.train.settings import Common, LoraSettings
 
 HEAD_FILE = "scalar_head.safetensors"
 SCALAR_META = "scalar_model.json"
-
-
-class TrainError(RuntimeError):
-    """Bad training input or state, named by file or key; the CLI shows it without a traceback."""
 
 
 # -- models and tokenizer -----------------------------------------------------------------------
