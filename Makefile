@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/dedup.py
 	$(BIN)/python bench/judge.py
 	$(BIN)/python bench/steer.py
+	$(BIN)/python bench/train.py
 
 clean-venv:
 	rm -rf $(VENV)
