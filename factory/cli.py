@@ -169,6 +169,16 @@ stage_command(
     """,
 )
 
+stage_command(
+    "rerank",
+    """Best-of-n: sample n responses per prompt and keep the one the reward model scores
+    highest; writes rerank.jsonl, SFT-ready (its messages hold the chosen reply).
+
+    Needs a reward model ([rerank] reward_model, default the run's rm/model from
+    `factory train rm`). Prompts come from [rerank] prompts or the run's tasks.jsonl.
+    """,
+)
+
 
 @cli.group()
 def train():
@@ -439,12 +449,13 @@ def prepare():
 def _show_samples(cfg: RunConfig, count: int) -> None:
     """A few records of the last stage that ran, so a run ends by showing what it made."""
     from factory.records import Generation, Instruction, Preference, Revision, Task
+    from factory.rerank import Reranked
     from factory.store import read_jsonl
 
     last = cfg.stages[-1]
     files = {"generate": ("generations.jsonl", Generation), "bootstrap": ("instructions.jsonl", Instruction),
              "instances": ("tasks.jsonl", Task), "critique": ("revisions.jsonl", Revision),
-             "judge": ("preferences.jsonl", Preference)}
+             "judge": ("preferences.jsonl", Preference), "rerank": ("rerank.jsonl", Reranked)}
     name, record_type = files[last]
     path = cfg.run_dir / name
     if not path.is_file():
@@ -468,6 +479,9 @@ def _show_samples(cfg: RunConfig, count: int) -> None:
             click.secho(f"{rec.prompt}  [p_chosen {rec.p_chosen:.2f}, orders "
                         f"{', '.join(f'{q:.2f}' for q in rec.p_orders)}{flag}]", bold=True)
             click.echo(f"  chosen:   {rec.chosen}\n  rejected: {rec.rejected}")
+        elif isinstance(rec, Reranked):
+            click.secho(f"{rec.prompt}  [rewards {', '.join(f'{r:.2f}' for r in rec.scores)}]", bold=True)
+            click.echo(f"  kept ({rec.scores[rec.chosen]:.2f}): {rec.responses[rec.chosen]}")
         elif isinstance(rec, Instruction):
             click.secho(rec.instruction, bold=True)
             click.echo(f"  closest pool instruction ({rec.most_similar[0].score:.2f}): {rec.most_similar[0].instruction}")

@@ -191,7 +191,7 @@ class JudgeConfig(Strict):
         return self
 
 
-STAGES = ("generate", "bootstrap", "instances", "critique", "judge")
+STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank")
 
 
 class RunConfig(Strict):
@@ -200,7 +200,7 @@ class RunConfig(Strict):
     name: str = Field("demo", description="run folder name under output_dir")
     output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
     backend: BackendConfig = BackendConfig()
-    stages: list[Literal["generate", "bootstrap", "instances", "critique", "judge"]] = Field(
+    stages: list[Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank"]] = Field(
         ["generate"], description="stages to run, in order"
     )
     generate: GenerateConfig = GenerateConfig()

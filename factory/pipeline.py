@@ -15,6 +15,7 @@ from factory.judge import run_judge
 from factory.llm import load_backend
 from factory.llm.base import Backend
 from factory.manifest import write_manifest
+from factory.rerank import run_rerank
 from factory.seeds import load_seeds
 from factory.summary import StageSummary
 
@@ -25,6 +26,7 @@ STAGE_FNS: dict[str, StageFn] = {
     "instances": run_instances,
     "critique": run_critique,
     "judge": run_judge,
+    "rerank": run_rerank,
 }
 
 
@@ -48,6 +50,8 @@ def input_files(cfg: RunConfig) -> list[Path]:
     if "judge" in cfg.stages:
         files.append(cfg.judge.constitution)
         files += [f for f in (cfg.judge.responses, cfg.judge.prompts) if f is not None]
+    if "rerank" in cfg.stages and cfg.rerank.prompts is not None:
+        files.append(cfg.rerank.prompts)
     return files
 
 
@@ -78,6 +82,13 @@ def check_inputs(cfg: RunConfig) -> None:
         if not tasks_here.is_file():
             raise FileNotFoundError(f"{tasks_here}: no prompts to sample responses for; run instances first, "
                                     "or set judge.prompts")
+    if "rerank" in cfg.stages:
+        rm = cfg.rerank.reward_model or cfg.run_dir / "rm" / "model"
+        if not Path(rm).is_dir():
+            raise FileNotFoundError(f"{rm}: no reward model to rerank with; run `factory train rm` first, "
+                                    "or set rerank.reward_model")
+        if cfg.rerank.prompts is None and "instances" not in cfg.stages and not tasks_here.is_file():
+            raise FileNotFoundError(f"{tasks_here}: no prompts to rerank; run instances first, or set rerank.prompts")
 
 
 def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[str], None] = print) -> list[StageSummary]:

@@ -49,6 +49,8 @@ class SFTConfig(Common):
     max_length: int = Field(512, ge=8, description="tokens per conversation; longer ones are cut at the end")
     held_out: float = Field(0.1, ge=0, lt=1, description="share of the data kept for the eval loss each epoch")
     lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
+    checkpoint_every: int | None = Field(None, ge=1, description="optimiser steps between resumable checkpoints "
+                                         "within an epoch (none: at each epoch's end only)")
 
 
 class RewardConfig(Common):

@@ -1,0 +1,164 @@
+"""The `rerank` stage: best-of-n sampling with the reward model.
+
+For each prompt the generator samples n responses, the reward model (``factory train rm``)
+scores each prompt + response, and the highest-scoring response is kept. This is rejection
+sampling (Nakano et al. 2021, WebGPT's best-of-n; Touvron et al. 2023, Llama 2's rejection-sampling
+fine-tuning): with SFT on its output (``sft.data = outputs/RUN/rerank.jsonl``) it is the cheap
+alternative to PPO, and a baseline a PPO policy should beat.
+
+``rerank.jsonl`` keeps every response with its score, and each record's ``messages`` holds the
+chosen [user, assistant] conversation, so the file is SFT data as it is.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from tqdm import tqdm
+
+from factory.config import RunConfig
+from factory.critique import load_prompts
+from factory.llm.base import Backend
+from factory.records import Record, file_sha256, work_key
+from factory.store import Store
+from factory.summary import StageSummary
+
+OUTPUT = "rerank.jsonl"
+
+
+class Reranked(Record):
+    """One prompt's n sampled responses, their rewards, and the best as an SFT conversation."""
+
+    source: str
+    """the id or key of what the prompt came from"""
+    prompt: str
+    messages: list[dict[str, str]]
+    """[user prompt, assistant: the chosen response]: what SFT reads"""
+    responses: list[str]
+    scores: list[float]
+    """the reward model's score of each response (after its normalising bias)"""
+    chosen: int
+    """index of the best-scoring response (the first, on a tie)"""
+    reward_model: str
+    """the reward-model folder"""
+    model: str
+    """the generator's ``model_id``"""
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+
+def fit(prompt: list[int], response: list[int], max_length: int) -> list[int]:
+    """prompt + response in ``max_length`` tokens: the prompt keeps its end (where the question
+    is), the response its start. Each side gets half the budget if it needs it, and the other
+    side's unused share besides."""
+    if len(prompt) + len(response) <= max_length:
+        return prompt + response
+    keep_response = min(len(response), max(max_length // 2, max_length - len(prompt)))
+    keep_prompt = max_length - keep_response
+    return prompt[len(prompt) - keep_prompt :] + response[:keep_response]
+
+
+def scoring_ids(tok, prompt: str, response: str, max_length: int) -> list[int]:
+    """Token ids the reward model reads: the chat rendered as in training (``chat_ids``), cut by ``fit``."""
+    from factory.train.common import chat_ids
+
+    ids, mask = chat_ids(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    start = mask.index(1)
+    return fit(ids[:start], ids[start:], max_length)
+
+
+def score(rm, rows: list[list[int]], batch_size: int, pad_id: int, device) -> list[float]:
+    """The reward of each row, scored in batches of similar lengths (less padding)."""
+    import torch
+
+    from factory.train.common import length_mask, pad_right
+
+    out = [0.0] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = [rows[i] for i in idx]
+            values = rm.last_scores(pad_right(batch, pad_id).to(device), length_mask(batch).to(device))
+            for i, v in zip(idx, values.tolist()):
+                out[i] = v
+    return out
+
+
+def load_reward_model(path: Path, device: str):
+    """(scalar model, tokenizer) of a reward-model folder written by ``factory train rm``."""
+    from factory.train import TrainError
+    from factory.train.common import HEAD_FILE, ScalarModel, load_tokenizer, pick_device
+
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no reward model; run `factory train rm` first, or set rerank.reward_model")
+    if not (path / HEAD_FILE).is_file():
+        # A plain causal LM would get a random head: its "best" response would be noise.
+        raise TrainError(f"{path}: not a reward model (no {HEAD_FILE}); train one with `factory train rm`")
+    tok = load_tokenizer(str(path))
+    rm = ScalarModel.from_pretrained(path, pick_device(device), tok)
+    return rm.eval(), tok
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+    from factory.train.common import HEAD_FILE
+
+    rc = cfg.rerank
+    rm_path = Path(rc.reward_model) if rc.reward_model is not None else run_dir / "rm" / "model"
+    rm, tok = load_reward_model(rm_path, rc.device)  # before any sampling: a missing RM fails fast
+    prompts = load_prompts(rc.prompts, rc.limit, run_dir)
+    settings = {
+        "model": backend.model_id,
+        # The head's digest stands for the reward model: retraining it into the same folder makes new keys.
+        "reward_model": file_sha256(rm_path / HEAD_FILE),
+        "config": rc.model_dump(mode="json", exclude={"prompts", "reward_model", "limit", "batch_size", "device"}),
+    }
+    items: list[tuple[str, str, str]] = []
+    seen: set[str] = set()
+    for pid, text in prompts:
+        key = work_key({"prompt": text}, settings)
+        if key not in seen:  # a prompt given twice is one item; its first id names it
+            seen.add(key)
+            items.append((key, pid, text))
+    store = Store(run_dir / OUTPUT, Reranked)
+    keys = {k for k, _, _ in items}
+    done = [r for r in store.records() if r.key in keys]
+    todo = [it for it in items if it[0] not in store]
+    # One generate call holds about backend.batch_size sequences: n per prompt.
+    per_batch = max(1, cfg.backend.batch_size // rc.n)
+    device = next(rm.parameters()).device
+    written = 0
+    with tqdm(total=len(items), initial=len(items) - len(todo), desc="rerank", unit="prompt") as bar:
+        for start in range(0, len(todo), per_batch):
+            batch = todo[start : start + per_batch]
+            # 1. Sample n responses per prompt.
+            params = rc.params.model_copy(update={"n": rc.n, "seed": rc.seed + start})
+            sampled = backend.generate([[{"role": "user", "content": text}] for _, _, text in batch], params)
+            responses = [[c.text for c in completions] for completions in sampled]
+            # 2. Score every prompt + response with the reward model.
+            rows = [scoring_ids(tok, text, r, rc.max_length) for (_, _, text), rs in zip(batch, responses) for r in rs]
+            flat = score(rm, rows, rc.batch_size, tok.pad_token_id, device)
+            # 3. Keep the best of each prompt's n.
+            records = []
+            for b, ((key, pid, text), rs) in enumerate(zip(batch, responses)):
+                scores = flat[b * rc.n : (b + 1) * rc.n]
+                best = max(range(len(rs)), key=lambda i: scores[i])
+                records.append(Reranked(
+                    key=key, source=pid, prompt=text,
+                    messages=[{"role": "user", "content": text}, {"role": "assistant", "content": rs[best]}],
+                    responses=rs, scores=scores, chosen=best, reward_model=str(rm_path), model=backend.model_id,
+                ))
+            written += store.append(records)
+            done += records
+            bar.update(len(batch))
+    note = f"best of {rc.n} by the reward model {rm_path}"
+    if done:
+        best = sum(r.scores[r.chosen] for r in done) / len(done)
+        mean = sum(sum(r.scores) / len(r.scores) for r in done) / len(done)
+        note += f"; mean reward of the kept response {best:.3f} vs {mean:.3f} for a random one"
+    return StageSummary("rerank", len(items), len(items) - len(todo), written, store.path, Counter(), note)
