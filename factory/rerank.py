@@ -49,44 +49,6 @@ class Reranked(Record):
 # -- scoring --------------------------------------------------------------------------------------
 
 
-def fit(prompt: list[int], response: list[int], max_length: int) -> list[int]:
-    """prompt + response in ``max_length`` tokens: the prompt keeps its end (where the question
-    is), the response its start. Each side gets half the budget if it needs it, and the other
-    side's unused share besides."""
-    if len(prompt) + len(response) <= max_length:
-        return prompt + response
-    keep_response = min(len(response), max(max_length // 2, max_length - len(prompt)))
-    keep_prompt = max_length - keep_response
-    return prompt[len(prompt) - keep_prompt :] + response[:keep_response]
-
-
-def scoring_ids(tok, prompt: str, response: str, max_length: int) -> list[int]:
-    """Token ids the reward model reads: the chat rendered as in training (``chat_ids``), cut by ``fit``."""
-    from factory.train.common import chat_ids
-
-    ids, mask = chat_ids(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
-    start = mask.index(1)
-    return fit(ids[:start], ids[start:], max_length)
-
-
-def score(rm, rows: list[list[int]], batch_size: int, pad_id: int, device) -> list[float]:
-    """The reward of each row, scored in batches of similar lengths (less padding)."""
-    import torch
-
-    from factory.train.common import length_mask, pad_right
-
-    out = [0.0] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = [rows[i] for i in idx]
-            values = rm.last_scores(pad_right(batch, pad_id).to(device), length_mask(batch).to(device))
-            for i, v in zip(idx, values.tolist()):
-                out[i] = v
-    return out
-
-
 def load_reward_model(path: Path, device: str):
     """(scalar model, tokenizer) of a reward-model folder written by ``factory train rm``."""
     from factory.train import TrainError
@@ -107,6 +69,7 @@ def load_reward_model(path: Path, device: str):
 
 def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
     from factory.train.common import HEAD_FILE
+    from factory.train.reward import score
 
     rc = cfg.rerank
     rm_path = Path(rc.reward_model) if rc.reward_model is not None else run_dir / "rm" / "model"
@@ -140,9 +103,11 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
             params = rc.params.model_copy(update={"n": rc.n, "seed": rc.seed + start})
             sampled = backend.generate([[{"role": "user", "content": text}] for _, _, text in batch], params)
             responses = [[c.text for c in completions] for completions in sampled]
-            # 2. Score every prompt + response with the reward model.
-            rows = [scoring_ids(tok, text, r, rc.max_length) for (_, _, text), rs in zip(batch, responses) for r in rs]
-            flat = score(rm, rows, rc.batch_size, tok.pad_token_id, device)
+            # 2. Score every prompt + response with the reward model, read where training read it
+            #    (the reply's end-of-turn token); a prompt's n replies share its computation.
+            conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": r}]
+                             for (_, _, text), rs in zip(batch, responses) for r in rs]
+            flat = score(rm, tok, conversations, rc.batch_size, rc.max_length, device)
             # 3. Keep the best of each prompt's n.
             records = []
             for b, ((key, pid, text), rs) in enumerate(zip(batch, responses)):

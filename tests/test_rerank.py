@@ -11,10 +11,11 @@ import torch
 from factory.config import BackendConfig, RunConfig
 from factory.llm.base import BackendError
 from factory.llm.scripted import ScriptedBackend
-from factory.rerank import OUTPUT, Reranked, fit, run_rerank
+from factory.rerank import OUTPUT, Reranked, run_rerank
 from factory.store import read_jsonl
 from factory.train import TrainError
-from factory.train.common import ScalarModel, chat_ids, load_tokenizer, read_messages
+from factory.train.common import ScalarModel, load_tokenizer, read_messages
+from factory.train.reward import reply_ids
 from factory.train.settings import RerankConfig
 
 PROMPTS = ["Name a fruit.", "What is 2 + 2?", "Say something kind."]
@@ -43,8 +44,10 @@ def run(tmp_path, tiny_model):
 
 
 def one_by_one(rm, tok, prompt: str, response: str) -> float:
-    """The reward of one prompt + response, unbatched and unpadded."""
-    ids, _ = chat_ids(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}])
+    """The reward of one prompt + response, unbatched and unpadded, read at the reply's end-of-turn token."""
+    context, reply = reply_ids(tok, [{"role": "user", "content": prompt}], response)
+    ids = context + reply
+    assert ids[-1] == tok.eos_token_id
     with torch.no_grad():
         return rm.last_scores(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
 
@@ -109,11 +112,3 @@ def test_missing_or_headless_reward_model_fails_before_sampling(run, tmp_path, t
     with pytest.raises(TrainError, match="not a reward model"):
         run_rerank(cfg, backend, cfg.run_dir)
     assert backend.calls == []
-
-
-def test_fit_keeps_the_prompt_end_and_the_response_start():
-    prompt, response = list(range(100, 120)), list(range(200, 230))
-    assert fit(prompt, response, 64) == prompt + response
-    assert fit(prompt, response, 20) == prompt[-10:] + response[:10]
-    assert fit(prompt[:4], response, 20) == prompt[:4] + response[:16]  # a short prompt leaves room
-    assert fit(prompt, response[:3], 10) == prompt[-7:] + response[:3]

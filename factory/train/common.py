@@ -223,7 +223,10 @@ def length_mask(rows: list[list[int]]) -> torch.Tensor:
 
 def make_optimizer(params, cfg: Common, total_steps: int):
     params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The fused kernel: one pass per tensor instead of several (~5x faster on CPU for a 135M model);
+    # transformers' Trainer, hence TRL, uses it by default since torch 2.8.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:

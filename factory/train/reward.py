@@ -1,0 +1,519 @@
+"""`factory train rm`: a reward model, Bradley-Terry on soft-labelled preference pairs.
+
+The config is ``RewardConfig`` (factory/train/settings.py, ``[rm]`` in a run config). The pairs are
+the run's ``preferences.jsonl`` (the judge's output; a K-way group appears as all its pairs) or any
+file of factory's ``Preference`` records, e.g. human pairs imported with ``factory pairs import``.
+
+The model is ``ScalarModel``: the causal LM's backbone and a linear head, read at the last token of
+the response (its end-of-turn token, where PPO and rerank read it too). The loss is the Bradley-Terry
+cross entropy against the judge's soft label p = P(chosen is better), with d = r_chosen - r_rejected:
+
+    loss = -(p * log sigmoid(d) + (1 - p) * log sigmoid(-d))
+
+so a 0.55 pair pulls the scores together far less than a 0.95 pair, and p = 1 (human labels, or
+``soft_labels = false``) is the usual loss of Stiennon et al. 2020 / Ouyang et al. 2022. The pairs of
+a share of the prompts are held out; pairwise accuracy and mean margin on them are logged each epoch.
+
+Doing less work (``share_prompt``, on by default): a pair's chosen and rejected replies follow the
+same prompt, and plain reward-model training (TRL's RewardTrainer) runs that prompt through the model
+twice, padded to the batch's longest row. Here each prompt is run once: a row holds the prompt and
+then every distinct reply to it in the batch (both of a pair; all of a K-way group), each reply
+attending to the prompt and to itself but not to the other replies, with position ids that restart
+after the prompt. That is the same computation as separate rows, token for token (a test checks the
+scores against the plain path), on fewer tokens. Batches are also built from pairs of similar length,
+so little padding is computed.
+
+After training, the reward is normalised: the mean raw score of a reference set (the run's SFT data,
+by default) is stored as the model's bias, so references score 0 on average and PPO's rewards are
+centred (Stiennon et al. 2020, "normalize the reward model so that the reference summaries have a
+mean score of 0").
+
+Output under ``<run>/<rm.output>/``: ``checkpoint/`` (every ``checkpoint_every`` steps and each epoch
+end; the run resumes from it exactly), ``metrics.jsonl``, ``eval.json`` and ``model/`` (a ScalarModel
+folder with its tokenizer, LoRA merged in).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from factory.config import RunConfig
+from factory.records import Preference, file_sha256, work_key
+from factory.train import TrainError
+from factory.train.common import (
+    SCALAR_META,
+    Metrics,
+    ScalarModel,
+    add_lora,
+    length_mask,
+    load_checkpoint,
+    load_tokenizer,
+    make_optimizer,
+    pad_right,
+    pick_device,
+    read_messages,
+    resolve_model,
+    save_checkpoint,
+    seed_all,
+)
+from factory.train.settings import RewardConfig
+
+MEGABATCH = 50
+"""Batches per length-sorted window: transformers' length-grouped sampler uses the same 50."""
+
+Seq = tuple[tuple[int, ...], tuple[int, ...]]
+"""What the reward model reads for one reply: (prompt ids kept, reply ids kept)."""
+
+
+class Pair(NamedTuple):
+    chosen: Seq
+    rejected: Seq
+    p: float
+    """the label: P(chosen is better), 1.0 without soft labels"""
+    prompt: int
+    """index of its prompt: pairs of one prompt are held out together and batched side by side"""
+
+
+# -- data (pure) ----------------------------------------------------------------------------------
+
+
+def read_pairs(path: Path) -> list[Preference]:
+    """The ``Preference`` records of a JSONL file; a bad line is a TrainError naming file:line.
+
+    A last line without its newline that does not parse is what a killed judge leaves behind:
+    it is dropped with a warning, as ``factory.store`` does. A repeated key keeps the first record.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise TrainError(f"{path}: no such file") from None
+    lines = data.split(b"\n")
+    out: dict[str, Preference] = {}
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = Preference.model_validate_json(raw)
+        except ValidationError as e:
+            if number == len(lines):  # no newline after it: an interrupted write
+                warnings.warn(f"{path}:{number}: dropped a torn last line ({len(raw)} bytes)", stacklevel=2)
+                continue
+            what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'line'}: {err['msg']}"
+                             for err in e.errors(include_url=False))
+            raise TrainError(f"{path}:{number}: not a preference pair ({what}); expected a JSON object with "
+                             "messages, chosen, rejected and p_chosen, as the judge writes") from None
+        if not 0.0 <= rec.p_chosen <= 1.0:
+            raise TrainError(f"{path}:{number}: p_chosen is {rec.p_chosen}; expected a probability in [0, 1]")
+        out.setdefault(rec.key, rec)
+    return list(out.values())
+
+
+def reply_ids(tok, messages: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+    """(prompt ids up to the assistant's reply, the reply's ids through its end-of-turn token).
+
+    The reply is what the chat template adds after the generation prompt, tokenised on its own,
+    so the prompt's ids are the same for every reply and can be shared. Whatever the template puts
+    after the end-of-turn token (SmolLM2's newline) is dropped: PPO scores its samples at the EOS
+    it generates, so the reward model must learn to read exactly there.
+    """
+    before = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
+    if not full.startswith(before):
+        raise TrainError("the chat template does not render the reply after the generation prompt; "
+                         "cannot tell the prompt's tokens from the reply's")
+    prompt = tok(before, add_special_tokens=False)["input_ids"]
+    ids = tok(full[len(before):], add_special_tokens=False)["input_ids"]
+    if tok.eos_token_id in ids:
+        ids = ids[: len(ids) - ids[::-1].index(tok.eos_token_id)]
+    return prompt, ids
+
+
+def cut(prompt: list[int], reply: list[int], max_length: int) -> Seq:
+    """Prompt + reply cut to ``max_length`` tokens.
+
+    The prompt keeps its end (the question sits there; a long system prompt or early turns go
+    first) and the reply its start; the reply keeps at least half the budget, more if the prompt
+    leaves more. The same rule as ``factory.rerank.fit``, so rerank scores what training saw.
+    """
+    if len(prompt) + len(reply) <= max_length:
+        return tuple(prompt), tuple(reply)
+    keep_reply = min(len(reply), max(max_length // 2, max_length - len(prompt)))
+    keep_prompt = max_length - keep_reply
+    return tuple(prompt[len(prompt) - keep_prompt:]), tuple(reply[:keep_reply])
+
+
+def make_pairs(tok, prefs: list[Preference], max_length: int, soft_labels: bool) -> tuple[list[Pair], int]:
+    """(tokenised pairs, how many had a side cut to max_length)."""
+    prompts: dict[str, int] = {}
+    pairs, truncated = [], 0
+    for rec in prefs:
+        key = json.dumps(rec.messages, sort_keys=True)
+        group = prompts.setdefault(key, len(prompts))
+        sides = []
+        for reply in (rec.chosen, rec.rejected):
+            prompt, ids = reply_ids(tok, rec.messages, reply)
+            truncated += len(prompt) + len(ids) > max_length
+            sides.append(cut(prompt, ids, max_length))
+        pairs.append(Pair(sides[0], sides[1], rec.p_chosen if soft_labels else 1.0, group))
+    return pairs, truncated
+
+
+def split_by_prompt(pairs: list[Pair], held_out: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) pair indices. Whole prompts are held out, so no held-out reply shares a
+    prompt with a training one (a K-way group on both sides would leak its prompt's ranking)."""
+    groups = sorted({x.prompt for x in pairs})
+    random.Random(f"rm-split:{seed}").shuffle(groups)
+    k = 0  # one prompt alone is trained on, never held out
+    if held_out > 0 and len(groups) >= 2:
+        k = min(max(round(len(groups) * held_out), 1), len(groups) - 1)
+    held = set(groups[:k])
+    return ([i for i, x in enumerate(pairs) if x.prompt not in held],
+            [i for i, x in enumerate(pairs) if x.prompt in held])
+
+
+def pair_cost(x: Pair, share_prompt: bool) -> int:
+    """Tokens the model runs for the pair: prompt once and both replies, or two whole rows."""
+    (pc, rc), (pr, rr) = x.chosen, x.rejected
+    if share_prompt and pc == pr:
+        return len(pc) + len(rc) + len(rr)
+    return len(pc) + len(rc) + len(pr) + len(rr)
+
+
+def epoch_batches(pairs: list[Pair], batch_size: int, share_prompt: bool, seed: int, epoch: int) -> list[list[int]]:
+    """The indices of ``pairs``, batch by batch, for one epoch.
+
+    Prompts are shuffled (seeded by seed and epoch: a resumed run rebuilds the same order); then,
+    within windows of ``MEGABATCH`` batches, pairs are sorted by the size of their prompt's group,
+    keeping a prompt's pairs side by side (one row serves them all) and similar sizes together
+    (little padding); then the batches are shuffled so that sizes do not come in order.
+    """
+    rng = random.Random(f"rm-batches:{seed}:{epoch}")
+    members: dict[int, list[int]] = {}
+    for i, x in enumerate(pairs):
+        members.setdefault(x.prompt, []).append(i)
+    size = {g: sum(pair_cost(pairs[i], share_prompt) for i in idx) for g, idx in members.items()}
+    if share_prompt:  # a reply shared by several pairs of the group is run once
+        for g, idx in members.items():
+            replies = {s for i in idx for s in (pairs[i].chosen, pairs[i].rejected)}
+            size[g] = len(pairs[idx[0]].chosen[0]) + sum(len(r) for _, r in replies)
+    groups = list(members)
+    rng.shuffle(groups)
+    order = [i for g in groups for i in members[g]]
+    window = batch_size * MEGABATCH
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start: start + window], key=lambda i: (size[pairs[i].prompt], pairs[i].prompt))
+        batches += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# -- scoring --------------------------------------------------------------------------------------
+
+
+class Packed(NamedTuple):
+    ids: torch.Tensor        # (rows, width) token ids, right-padded
+    mask: torch.Tensor       # (rows, 1, width, width) additive attention mask: 0 or the dtype's min
+    positions: torch.Tensor  # (rows, width) position ids: each reply continues from the end of its prompt
+    row: list[int]           # for each Seq asked for: the row of its last token
+    col: list[int]           # ... and its column
+
+
+def pack(seqs: list[Seq], pad_id: int, limit: int) -> Packed:
+    """Rows that hold each prompt once and then its distinct replies, up to ``limit`` tokens a row.
+
+    Token t of reply j attends to the whole prompt before it and to reply j's tokens up to t,
+    never to another reply; its position id is what it would be right after the prompt. For
+    RoPE models (Llama, SmolLM2) attention depends on positions only through these ids, so each
+    reply's hidden states are those of a row of its own. Padding attends to the prompt, so no
+    attention row is empty (an all-masked softmax row is NaN).
+    """
+    rows: list[list[tuple[int, ...]]] = []  # a row: [prompt, reply, reply, ...]
+    used: list[int] = []
+    open_row: dict[tuple[int, ...], int] = {}
+    where: dict[Seq, tuple[int, int]] = {}
+    for prompt, reply in seqs:
+        if (prompt, reply) in where:
+            continue
+        r = open_row.get(prompt)
+        if r is None or used[r] + len(reply) > limit:
+            r = open_row[prompt] = len(rows)
+            rows.append([prompt])
+            used.append(len(prompt))
+        rows[r].append(reply)
+        used[r] += len(reply)
+        where[(prompt, reply)] = (r, used[r] - 1)
+    width = max(used)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 pad, 0 prompt, j reply j
+    for r, (prompt, *replies) in enumerate(rows):
+        at = 0
+        for j, part in enumerate([prompt, *replies]):
+            n = len(part)
+            ids[r, at: at + n] = torch.tensor(part, dtype=torch.long)
+            start = 0 if j == 0 else len(prompt)
+            positions[r, at: at + n] = torch.arange(start, start + n)
+            segment[r, at: at + n] = j
+            at += n
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    rc = [where[s] for s in seqs]
+    return Packed(ids, mask[:, None], positions, [r for r, _ in rc], [c for _, c in rc])
+
+
+def seq_scores(model: ScalarModel, seqs: list[Seq], pad_id: int, device: torch.device, share_prompt: bool,
+               limit: int) -> torch.Tensor:
+    """Raw scores (no normalising bias) of each prompt + reply, at the reply's last token."""
+    if share_prompt:
+        packed = pack(seqs, pad_id, limit)
+        mask = packed.mask.to(device, model.head.weight.dtype)  # an additive mask must match the activations
+        hidden = model.backbone(input_ids=packed.ids.to(device), attention_mask=mask,
+                                position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
+        # The head only where a score is read: the one position per reply.
+        return model.head(hidden[packed.row, packed.col]).squeeze(-1)
+    # The plain path: a row per prompt + reply, as TRL's RewardTrainer does.
+    rows = [list(p) + list(r) for p, r in seqs]
+    mask = length_mask(rows).to(device)
+    scores = model.token_scores(pad_right(rows, pad_id).to(device), mask)
+    return scores[torch.arange(len(rows), device=device), mask.sum(dim=1) - 1]
+
+
+def bt_loss(d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry cross entropy against soft labels, mean over the batch.
+
+    d = r_chosen - r_rejected, p = P(chosen is better). logsigmoid keeps it finite for large |d|.
+    """
+    return -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d)).mean()
+
+
+def batch_loss(model: ScalarModel, batch: list[Pair], pad_id: int, device: torch.device, share_prompt: bool,
+               limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch's loss, d = r_chosen - r_rejected per pair)."""
+    n = len(batch)
+    scores = seq_scores(model, [x.chosen for x in batch] + [x.rejected for x in batch], pad_id, device,
+                        share_prompt, limit)
+    d = scores[:n] - scores[n:]
+    p = torch.tensor([x.p for x in batch], dtype=d.dtype, device=device)
+    return bt_loss(d, p), d
+
+
+@torch.no_grad()
+def evaluate(model: ScalarModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device,
+             share_prompt: bool, limit: int) -> dict | None:
+    """Held-out pairwise accuracy (r_chosen > r_rejected), mean margin and loss; None with no pairs."""
+    if not pairs:
+        return None
+    was_training = model.training
+    model.eval()
+    ds, ps = [], []
+    for batch in epoch_batches(pairs, batch_size, share_prompt, 0, 0):
+        _, d = batch_loss(model, [pairs[i] for i in batch], pad_id, device, share_prompt, limit)
+        ds.append(d)
+        ps += [pairs[i].p for i in batch]
+    d = torch.cat(ds)
+    loss = bt_loss(d, torch.tensor(ps, dtype=d.dtype, device=d.device))
+    model.train(was_training)
+    return {"accuracy": (d > 0).float().mean().item(), "margin": d.mean().item(), "loss": loss.item()}
+
+
+@torch.no_grad()
+def score(model: ScalarModel, tok, conversations: list[list[dict[str, str]]], batch_size: int, max_length: int,
+          device: torch.device) -> list[float]:
+    """Normalised rewards (raw score minus the model's bias) of prompt + reply conversations.
+
+    Each conversation ends with the assistant reply to score; it is tokenised and cut as in
+    training. Replies to the same prompt are batched together and share the prompt's computation
+    (``pack``), so rerank's n samples per prompt cost about one prompt plus n replies.
+    """
+    seqs = []
+    for i, msgs in enumerate(conversations):
+        if not msgs or msgs[-1].get("role") != "assistant":
+            raise TrainError(f"conversation {i} does not end with an assistant reply to score")
+        prompt, ids = reply_ids(tok, msgs[:-1], msgs[-1]["content"])
+        seqs.append(cut(prompt, ids, max_length))
+    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i][0]), seqs[i][0], len(seqs[i][1])))
+    out = [0.0] * len(seqs)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        raw = seq_scores(model, [seqs[i] for i in idx], tok.pad_token_id, device, True, 2 * max_length)
+        for i, v in zip(idx, raw.tolist()):
+            out[i] = v - model.bias
+    model.train(was_training)
+    return out
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+
+def saved_state(ckpt: Path) -> dict | None:
+    """The counters of the checkpoint ``load_checkpoint`` would read (it falls back to ``.old``
+    after a kill between its two renames), read before any model is loaded."""
+    for folder in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+        if (folder / "state.json").is_file():
+            return json.loads((folder / "state.json").read_text())
+    return None
+
+
+def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
+    rc: RewardConfig = cfg.rm
+    out = cfg.run_dir / rc.output
+    final, ckpt, eval_file = out / "model", out / "checkpoint", out / "eval.json"
+    if (final / SCALAR_META).is_file():
+        echo(f"rm: already finished; the model is in {final} (remove {out} to train again)")
+        done = json.loads(eval_file.read_text())["summary"] if eval_file.is_file() else {"model": str(final)}
+        return {**done, "already_finished": True}
+
+    pairs_path = Path(rc.pairs) if rc.pairs is not None else cfg.run_dir / "preferences.jsonl"
+    if not pairs_path.is_file():
+        raise TrainError(f"{pairs_path}: no preference pairs; run the judge stage first, or set rm.pairs "
+                         "(a JSONL of factory's preference records)")
+    prefs = read_pairs(pairs_path)
+    if not prefs:
+        raise TrainError(f"{pairs_path}: no preference pairs in the file; run the judge stage first, "
+                         "or set rm.pairs")
+    path, model_id = resolve_model(rc.model)
+    device = pick_device(rc.device)
+    tok = load_tokenizer(path)
+    # A row of packed replies holds at most two full pairs' worth: a pair always fits in one row.
+    limit = 2 * rc.max_length
+
+    # 1. Tokenise (prompt end and reply start kept at max_length) and hold out whole prompts.
+    pairs, truncated = make_pairs(tok, prefs, rc.max_length, rc.soft_labels)
+    train_idx, held_idx = split_by_prompt(pairs, rc.held_out, rc.seed)
+    train = [pairs[i] for i in train_idx]
+    held = [pairs[i] for i in held_idx]
+    per_epoch = math.ceil(len(train) / rc.batch_size)
+    total_steps = per_epoch * rc.epochs
+
+    # 2. A checkpoint must come from these pairs and settings, or the run would mix two.
+    fingerprint = work_key({"pairs": file_sha256(pairs_path), "model": model_id},
+                           rc.model_dump(mode="json", exclude={"device", "pairs", "output", "reference",
+                                                               "checkpoint_every"}))
+    saved = saved_state(ckpt)
+    if saved is not None and saved["fingerprint"] != fingerprint:
+        raise TrainError(f"{ckpt}: this checkpoint was made from other pairs or settings; "
+                         f"remove {out} to start again, or restore what it was made with")
+    trained_out = saved is not None and saved["epoch"] >= rc.epochs
+
+    # 3. Model: backbone + fresh scalar head (seeded), LoRA on the backbone if asked (the head
+    # is outside the adapters' wrapper, so it stays trainable); optimiser and schedule; resume.
+    seed_all(rc.seed)
+    model = ScalarModel.from_pretrained(path, device, tok)
+    model.backbone = add_lora(model.backbone, rc.lora)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(params, rc, total_steps)
+    state = load_checkpoint(ckpt, {"model": model}, {} if trained_out else {"optimizer": opt, "scheduler": sched})
+    if state is None:
+        state = {"fingerprint": fingerprint, "step": 0, "epoch": 0, "position": 0, "evals": []}
+    elif trained_out:
+        echo(f"rm: training had finished at step {state['step']} ({ckpt}); normalising and saving the model")
+    else:
+        echo(f"rm: resuming from {ckpt} at step {state['step']} (epoch {state['epoch'] + 1}, "
+             f"batch {state['position']} of {per_epoch})")
+    metrics = Metrics(out / "metrics.jsonl", state["step"])
+    echo(f"rm: {len(train)} train / {len(held)} held-out pairs ({truncated} cut to {rc.max_length} tokens), "
+         f"{total_steps} steps on {model_id}")
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, state)
+
+    started, trained = time.time(), 0
+    bar = tqdm(total=total_steps, initial=state["step"], desc="rm", unit="step")
+    for epoch in range(state["epoch"], rc.epochs):
+        batches = epoch_batches(train, rc.batch_size, rc.share_prompt, rc.seed, epoch)
+        for position in range(state["position"], len(batches)):
+            batch = [train[i] for i in batches[position]]
+            # 4. Forward: scores of both replies (prompt run once), soft Bradley-Terry loss.
+            loss, d = batch_loss(model, batch, tok.pad_token_id, device, rc.share_prompt, limit)
+            if not torch.isfinite(loss):
+                raise TrainError(f"rm: the loss is {loss.item()} at step {state['step'] + 1}; lower rm.lr")
+            # 5. Backward, clip, step.
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
+            lr = sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+            # 6. Log; checkpoint every so often within the epoch (its end checkpoints below).
+            state.update(step=state["step"] + 1, position=position + 1)
+            trained += len(batch)
+            metrics.log(state["step"], epoch=epoch + 1, **{
+                "train/loss": loss.item(), "train/accuracy": (d > 0).float().mean().item(),
+                "train/margin": d.mean().item(), "lr": lr, "grad_norm": grad_norm.item()})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if state["step"] % rc.checkpoint_every == 0 and position + 1 < len(batches):
+                checkpoint()
+        # 7. Epoch end: held-out accuracy and margin, then the checkpoint the next epoch starts from.
+        result = evaluate(model, held, rc.batch_size, tok.pad_token_id, device, rc.share_prompt, limit)
+        state["evals"].append({"epoch": epoch + 1, "step": state["step"], **(result or {})})
+        if result is not None:
+            metrics.log(state["step"], epoch=epoch + 1, **{f"eval/{k}": v for k, v in result.items()})
+            echo(f"rm: epoch {epoch + 1}: held-out accuracy {result['accuracy']:.3f}, margin {result['margin']:.3f}")
+        state.update(epoch=epoch + 1, position=0)
+        if epoch + 1 < rc.epochs:
+            checkpoint()
+        else:  # training is over: the optimiser is never needed again (and is 2/3 of the bytes)
+            save_checkpoint(ckpt, {"model": model}, {}, state)
+    bar.close()
+    seconds = time.time() - started
+
+    # 8. Normalise: the references' mean raw score becomes the bias, so they score 0 on average.
+    sft_file = cfg.run_dir / "sft.jsonl"
+    refs: list[list[dict[str, str]]] = []
+    if rc.reference is not None:
+        refs, normalised_on = read_messages(Path(rc.reference)), str(rc.reference)
+        if not refs:
+            raise TrainError(f"{rc.reference}: no conversations to normalise the reward on")
+    elif sft_file.is_file():
+        refs, normalised_on = read_messages(sft_file), str(sft_file)
+    if not refs:
+        # A K-way group's chosen replies repeat across its pairs: each counts once.
+        unique = {json.dumps([*prefs[i].messages, {"role": "assistant", "content": prefs[i].chosen}]): None
+                  for i in train_idx}
+        refs, normalised_on = [json.loads(c) for c in unique], f"the chosen replies of {pairs_path}"
+    model.bias = 0.0
+    try:
+        raw = score(model, tok, refs, 2 * rc.batch_size, rc.max_length, device)
+    except TrainError as e:
+        raise TrainError(f"{normalised_on}: {e}") from None
+    model.bias = sum(raw) / len(raw)
+
+    # 9. Save: model/ last (written aside, then renamed), so a model/ folder means the run finished.
+    last = state["evals"][-1] if state["evals"] else {}
+    summary = {
+        "model": str(final), "base_model": model_id, "pairs_file": str(pairs_path),
+        "pairs": {"train": len(train), "held_out": len(held), "truncated": truncated},
+        "epochs": rc.epochs, "steps": state["step"], "accuracy": last.get("accuracy"), "margin": last.get("margin"),
+        "bias": model.bias, "normalised_on": normalised_on, "references": len(refs),
+        "seconds": round(seconds, 1), "pairs_per_s": round(trained / seconds, 3) if trained and seconds > 0 else None,
+    }
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, normalised_on=normalised_on, references=len(refs), base_model=model_id,
+                          pairs=str(pairs_path), max_length=rc.max_length)
+    tok.save_pretrained(tmp)
+    eval_file.write_text(json.dumps({"epochs": state["evals"], "summary": summary}, indent=2) + "\n")
+    os.replace(tmp, final)
+    acc = f"held-out accuracy {last['accuracy']:.3f}, " if last.get("accuracy") is not None else ""
+    echo(f"rm: {state['step']} steps, {acc}bias {model.bias:.4f} -> {final}")
+    return summary
