@@ -1,0 +1,542 @@
+"""PPO against a reward model (RLHF), in one file, after cleanrl and summarize_from_feedback_details.
+
+The config is ``PPOConfig`` (``cfg.ppo``, factory/train/settings.py), every field described there.
+The loop follows Huang et al. 2024, "The N+ implementation details of RLHF with PPO" (its
+reference code is summarize_from_feedback_details; TRL's PPOTrainer is a port of it), and is
+commented in the same numbered steps: 1 generate, 2 truncate at EOS, 3 score, 4 KL-penalised
+reward, 5 whiten, 6 GAE, 7 update.
+
+Four models: the policy (trained); the reference, a frozen copy of the starting policy; the
+reward model, a frozen ``ScalarModel`` read at a response's last token; the value model, a
+``ScalarModel`` initialised from the reward model and read at every response token. With LoRA,
+policy and reference are one frozen base with the policy's adapters switched on or off, and
+reward and value models likewise share the reward model's backbone (value = adapters on).
+
+Rollouts are laid out as ``[left padding][prompt][response][padding after EOS]``: the response
+block starts at the same column in every row, so one slice takes every row's response logits.
+Masks are always built from lengths, never from a token being the pad token.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from factory.config import RunConfig
+from factory.train import TrainError
+from factory.train.common import (
+    Metrics,
+    ScalarModel,
+    add_lora,
+    chat_ids,
+    length_mask,
+    load_causal_lm,
+    load_checkpoint,
+    load_tokenizer,
+    make_optimizer,
+    pad_right,
+    pick_device,
+    prompt_ids,
+    read_messages,
+    resolve_model,
+    save_checkpoint,
+    seed_all,
+)
+from factory.train.settings import PPOConfig
+
+CONFIG = PPOConfig  # cfg.ppo: the settings of this trainer, each field documented there
+
+# -- pure pieces (unit-tested on hand-computed values) -------------------------------------------
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries, unbiased variance (as summarize_from_feedback's
+    ``whiten``); with ``shift_mean=False`` the mean is added back (used for rewards). Entries
+    outside the mask come out 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, 0)
+
+
+def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """(responses with every token after the first EOS replaced by pad, lengths incl. the EOS,
+    whether each row has an EOS). A row without EOS keeps its full length."""
+    width = responses.shape[1]
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), width - 1)
+    lengths = first + 1
+    keep = torch.arange(width, device=responses.device)[None, :] < lengths[:, None]
+    return torch.where(keep, responses, pad_id), lengths, has_eos
+
+
+def apply_no_eos_score(scores: torch.Tensor, has_eos: torch.Tensor, no_eos_score: float | None) -> torch.Tensor:
+    """A response cut off by the length limit gets a fixed score instead of the reward model's
+    (the "EOS trick" of Huang et al. 2024; ``penalty_reward_value`` in summarize_from_feedback_details):
+    the reward model never saw unfinished answers, so its score for them means little."""
+    if no_eos_score is None:
+        return scores
+    return torch.where(has_eos, scores, torch.full_like(scores, no_eos_score))
+
+
+def kl_penalised_rewards(logprobs, ref_logprobs, scores, lengths, kl_coef: float):
+    """(per-token rewards, per-token KL, per-token non-score reward) of a batch of responses.
+
+    The KL to the reference is a penalty at every token, -kl_coef * (logp - ref_logp) (the k1
+    estimator of Ziegler et al. 2019 and Stiennon et al. 2020), and the reward model's score is
+    added at each response's last real token (its EOS, or the last token when it has none).
+    """
+    width = logprobs.shape[1]
+    mask = torch.arange(width, device=logprobs.device)[None, :] < lengths[:, None]
+    kl = torch.where(mask, logprobs - ref_logprobs, 0)
+    non_score = -kl_coef * kl
+    rewards = non_score.clone()
+    rewards[torch.arange(len(lengths), device=logprobs.device), lengths - 1] += scores
+    return rewards, kl, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """(advantages, returns) by generalised advantage estimation (Schulman et al. 2016) over the
+    response tokens. Values past a response's end count as 0: the episode ends at its last token."""
+    rewards = torch.where(mask, rewards, 0)
+    values = torch.where(mask, values, 0)
+    width = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(width)):
+        next_value = values[:, t + 1] if t + 1 < width else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    return torch.where(mask, advantages, 0), torch.where(mask, advantages + values, 0)
+
+
+class KLController:
+    """The KL coefficient: fixed, or adaptive toward a target KL (Ziegler et al. 2019, and their
+    lm-human-preferences code's AdaptiveKLController, which TRL copied):
+    coef <- coef * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon), where n_steps is
+    the number of episodes (responses) the KL was measured on."""
+
+    def __init__(self, coef: float, adaptive: bool, target: float, horizon: int):
+        self.value, self.adaptive, self.target, self.horizon = coef, adaptive, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        if self.adaptive:
+            error = min(max(kl / self.target - 1, -0.2), 0.2)
+            self.value *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+def batch_rows(n: int, size: int, index: int, seed: int) -> list[int]:
+    """Rows of the ``index``-th batch of ``size`` from an endless stream of seeded permutations of
+    ``range(n)``: a pure function of the step, so a resumed run draws the same batches."""
+    rows: list[int] = []
+    start = index * size
+    while len(rows) < size:
+        epoch, offset = divmod(start + len(rows), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        rows += perm[offset: offset + size - len(rows)]
+    return rows
+
+
+# -- model calls --------------------------------------------------------------------------------
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    # Left padding shifts every row; position ids count real tokens only, so a prompt sees the
+    # same positions whatever its padding (TRL's `forward` does the same).
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def sample(model, ids, mask, n_tokens: int, temperature: float, eos_id: int, greedy: bool = False):
+    """(responses, log-probs of the sampled tokens) of left-padded prompts, with the KV cache.
+
+    Pure temperature sampling: no top-k, no top-p, no minimum length (as summarize_from_feedback_details
+    and TRL sample: any other processing makes the rollout's log-probs differ from what the update
+    recomputes). Every row samples up to ``n_tokens``; the loop stops early only once every
+    row has produced an EOS, since later tokens are cut by step 2 anyway. Log-probs are of the
+    temperature-scaled distribution, as in the update.
+    """
+    pos = positions(mask)
+    # logits_to_keep=1: the prompt's other positions need no vocabulary projection.
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    next_pos = pos[:, -1:] + 1
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    tokens, logps = [], []
+    for t in range(n_tokens):
+        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
+        tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)
+        tokens.append(tok)
+        logps.append(logp.gather(1, tok[:, None]).squeeze(1))
+        done |= tok == eos_id
+        if t == n_tokens - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=out.past_key_values, use_cache=True)
+        next_pos = next_pos + 1
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+def response_logprobs(model, ids, mask, n_resp: int, temperature: float):
+    """(log-probs of the last ``n_resp`` tokens of each row, their logits)."""
+    # Only the response positions need logits: logits_to_keep skips the vocabulary projection of
+    # the prompt. Logits are divided by the sampling temperature, as when sampling (Huang et al.
+    # 2024, "scale the logits by the temperature"), or the ratio starts away from 1.
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False,
+                   logits_to_keep=n_resp + 1).logits[:, :-1].float() / temperature
+    targets = ids[:, -n_resp:, None]
+    return logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1), logits
+
+
+def response_values(value: ScalarModel, ids, mask, n_resp: int) -> torch.Tensor:
+    # The value of the state before each response token: the score at the token before it.
+    return value.token_scores(ids, mask, position_ids=positions(mask))[:, -n_resp - 1: -1]
+
+
+def ptx_loss(policy, tok, batch: list[tuple[list[int], list[int]]], device) -> torch.Tensor:
+    """Mean next-token loss on the assistant tokens of a batch of SFT conversations."""
+    ids = pad_right([r[0] for r in batch], tok.pad_token_id).to(device)
+    mask = length_mask([r[0] for r in batch]).to(device)
+    target = pad_right([r[1] for r in batch], 0).to(device).bool()
+    logits = policy(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return masked_mean(nll, target[:, 1:])
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def _prompts(cfg: RunConfig, tok) -> list[tuple[str, list[int]]]:
+    from factory.critique import load_prompts
+    from factory.store import StoreError
+
+    pc = cfg.ppo
+    try:
+        pairs = load_prompts(pc.prompts, None, cfg.run_dir)
+    except (FileNotFoundError, StoreError) as e:
+        raise TrainError(str(e)) from None
+    if len(pairs) <= pc.eval_prompts:
+        raise TrainError(f"ppo: {len(pairs)} prompt(s), but eval_prompts = {pc.eval_prompts} are held out; "
+                         "give more prompts or lower ppo.eval_prompts")
+    # The end of a long prompt is kept: that is where the question is.
+    return [(text, prompt_ids(tok, [{"role": "user", "content": text}])[-pc.max_prompt_length:]) for _, text in pairs]
+
+
+def _ptx_data(cfg: RunConfig, tok) -> list[tuple[list[int], list[int]]]:
+    pc = cfg.ppo
+    path = pc.sft_data or cfg.run_dir / "sft.jsonl"
+    if not path.is_file():
+        raise TrainError(f"ppo.ptx_coef > 0 needs SFT data: no {path} (run critique, or set ppo.sft_data)")
+    cap = pc.max_prompt_length + pc.response_length
+    rows = []
+    for messages in read_messages(path):
+        ids, mask = chat_ids(tok, messages)
+        if any(mask[1:cap]):
+            rows.append((ids[:cap], mask[:cap]))
+    if not rows:
+        raise TrainError(f"{path}: no conversation with an assistant turn within {cap} tokens")
+    return rows
+
+
+def _policy_path(cfg: RunConfig) -> tuple[str, str]:
+    if cfg.ppo.policy == "auto":
+        sft = cfg.run_dir / "sft" / "model"
+        return resolve_model(str(sft) if (sft / "config.json").is_file() else "embedded")
+    return resolve_model(cfg.ppo.policy)
+
+
+def _finished(out: Path, steps: int) -> bool:
+    state = out / "checkpoint" / "state.json"
+    return (out / "model" / "config.json").is_file() and state.is_file() and \
+        json.loads(state.read_text())["step"] >= steps
+
+
+def _keep_rows(path: Path, upto: int | None) -> None:
+    """samples.jsonl on resume: rows of steps after the checkpoint are dropped (they come again)."""
+    if not path.is_file():
+        return
+    keep = []
+    if upto is not None:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= upto:
+                    keep.append(line + "\n")
+            except (json.JSONDecodeError, KeyError):
+                continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _summary(out: Path) -> dict:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    evals = [r for r in rows if "eval/score" in r]
+    steps = [r for r in rows if "objective/kl" in r]
+    return {
+        "steps": steps[-1]["step"] if steps else 0,
+        "eval_score_start": evals[0]["eval/score"] if evals else None,
+        "eval_score_end": evals[-1]["eval/score"] if evals else None,
+        "kl_final": steps[-1]["objective/kl"] if steps else None,
+        "seconds_per_step": round(sum(r["time/step_s"] for r in steps) / len(steps), 3) if steps else None,
+        "model": str(out / "model"),
+    }
+
+
+def run_ppo(cfg: RunConfig, echo=print) -> dict:
+    from tqdm import tqdm
+
+    pc = cfg.ppo
+    out = cfg.run_dir / pc.output
+    if _finished(out, pc.steps):
+        echo(f"ppo: {out} already holds a finished run of {pc.steps} steps; nothing to do")
+        return _summary(out)
+    rm_path = Path(pc.reward_model) if pc.reward_model else cfg.run_dir / "rm" / "model"
+    if not (rm_path / "config.json").is_file():
+        raise TrainError(f"no reward model at {rm_path}: run `factory train rm` first (or set ppo.reward_model)")
+    device = pick_device(pc.device)
+    seed_all(pc.seed)
+
+    # -- models: policy, reference, reward, value (dropout off in all: common.no_dropout) --
+    policy_path, policy_id = _policy_path(cfg)
+    tok = load_tokenizer(policy_path)
+    if (rm_path / "tokenizer.json").is_file() and load_tokenizer(str(rm_path)).get_vocab() != tok.get_vocab():
+        raise TrainError(f"the reward model {rm_path} and the policy {policy_path} use different tokenizers")
+    policy = load_causal_lm(policy_path, device, tok).eval()
+    rm = ScalarModel.from_pretrained(rm_path, device, tok).eval()
+    rm.requires_grad_(False)
+    if pc.lora.r:
+        # One frozen base per backbone: the policy's adapters off = the reference; the value
+        # model's adapters (on the reward model's backbone) off = the reward model.
+        policy = add_lora(policy, pc.lora, "policy")
+        value = ScalarModel(add_lora(rm.backbone, pc.lora, "value"), bias=rm.bias).to(device).eval()
+        value.head.load_state_dict(rm.head.state_dict())
+        ref, as_ref, as_rm = policy, policy.disable_adapter, value.backbone.disable_adapter
+    else:
+        ref = copy.deepcopy(policy).requires_grad_(False)
+        value = ScalarModel.from_pretrained(rm_path, device, tok).eval()  # the value model starts as the RM
+        as_ref = as_rm = nullcontext
+    trainable = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    opt, sched = make_optimizer(trainable, pc, pc.steps)
+    kl_ctl = KLController(pc.kl_coef, pc.adaptive_kl, pc.target_kl, pc.kl_horizon)
+    modules = {"policy": policy, "value": value}
+    stateful = {"optimizer": opt, "scheduler": sched, "kl": kl_ctl}
+
+    # -- data: prompts (a seeded held-out set for evals), SFT batches for PPO-ptx --
+    prompts = _prompts(cfg, tok)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()
+    held = [prompts[i] for i in order[: pc.eval_prompts]]
+    train = [prompts[i] for i in order[pc.eval_prompts:]]
+    sft = _ptx_data(cfg, tok) if pc.ptx_coef > 0 else []
+
+    state = load_checkpoint(out / "checkpoint", modules, stateful)
+    start = state["step"] if state else 0
+    metrics = Metrics(out / "metrics.jsonl", start if state else None)
+    _keep_rows(out / "samples.jsonl", start if state else None)
+    echo(f"ppo: policy {policy_id}, reward model {rm_path}, {len(train)} train / {len(held)} eval prompts"
+         + (f"; resuming after step {start}" if state else ""))
+
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    n_mb = pc.batch_size // pc.mini_batch_size
+
+    def score(prompt_rows: list[list[int]], responses: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # The reward model reads right-padded rows (its last_scores takes the last real token),
+        # so each prompt + truncated response is packed to the left again.
+        rows = [p + r[: int(n)].tolist() for p, r, n in zip(prompt_rows, responses, lengths)]
+        with as_rm():
+            return rm.last_scores(pad_right(rows, pad).to(device), length_mask(rows).to(device))
+
+    def evaluate(step: int) -> dict:
+        t0, results = time.time(), []
+        for i in range(0, len(held), pc.batch_size):
+            chunk = held[i: i + pc.batch_size]
+            ids, mask = left_pad([p for _, p in chunk], pad, device)
+            responses, _ = sample(policy, ids, mask, pc.response_length, 1.0, eos, greedy=True)
+            responses, lengths, has_eos = truncate_after_eos(responses, eos, pad)
+            scores = score([p for _, p in chunk], responses, lengths)
+            for (text, _), r, n, s in zip(chunk, responses, lengths, scores.tolist()):
+                results.append({"step": step, "prompt": text,
+                                "response": tok.decode(r[: int(n)], skip_special_tokens=True), "score": s})
+        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+        if not results:
+            return {}
+        return {"eval/score": sum(r["score"] for r in results) / len(results), "time/eval_s": time.time() - t0}
+
+    if not state:
+        metrics.log(0, **evaluate(0))
+
+    bar = tqdm(range(start + 1, pc.steps + 1), desc="ppo", unit="step", initial=start, total=pc.steps)
+    for step in bar:
+        t_step = time.time()
+        with torch.no_grad():
+            chunk = [train[i] for i in batch_rows(len(train), pc.batch_size, step - 1, pc.seed)]
+            prompt_rows = [p for _, p in chunk]
+            query, query_mask = left_pad(prompt_rows, pad, device)
+            width_q = query.shape[1]
+
+            # 1. generate: temperature sampling from the policy, batched, KV cache.
+            t0 = time.time()
+            responses, logprobs = sample(policy, query, query_mask, pc.response_length, pc.temperature, eos)
+            t_gen = time.time() - t0
+
+            # 2. truncate after the first EOS: later tokens become pad and are masked (Huang et al.
+            # 2024's "EOS trick"; TRL's truncate_response). The block is cut to the longest response left.
+            t0 = time.time()
+            responses, lengths, has_eos = truncate_after_eos(responses, eos, pad)
+            width_r = int(lengths.max())
+            responses, logprobs = responses[:, :width_r], logprobs[:, :width_r]
+            resp_mask = torch.arange(width_r, device=device)[None, :] < lengths[:, None]
+            ids = torch.cat([query, responses], dim=1)
+            mask = torch.cat([query_mask, resp_mask.long()], dim=1)
+            with as_ref():
+                ref_logprobs, _ = response_logprobs(ref, ids, mask, width_r, pc.temperature)
+            values = response_values(value, ids, mask, width_r)
+
+            # 3. score: the reward model at the last real token; a response with no EOS gets
+            # no_eos_score instead.
+            raw_scores = score(prompt_rows, responses, lengths)
+            scores = apply_no_eos_score(raw_scores, has_eos, pc.no_eos_score)
+
+            # 4. KL-penalised reward: -kl_coef * (logp - ref_logp) at every token, the score at the last.
+            rewards, kl, non_score = kl_penalised_rewards(logprobs, ref_logprobs, scores, lengths, kl_ctl.value)
+
+            # 5. whiten rewards (optional; summarize_from_feedback_details' `whiten_rewards`, mean kept).
+            if pc.whiten_rewards:
+                rewards = masked_whiten(rewards, resp_mask, shift_mean=False)
+
+            # 6. GAE over the response tokens, then advantages whitened over the batch's real
+            # tokens only (summarize_from_feedback_details' masked_whiten of the advantages).
+            advantages, returns = gae(rewards, values, resp_mask, pc.gamma, pc.lam)
+            advantages = masked_whiten(advantages, resp_mask)
+            t_score = time.time() - t0
+
+        # 7. update: ppo_epochs passes over shuffled mini-batches; clipped policy loss (Schulman et
+        # al. 2017), clipped value loss (OpenAI baselines' PPO2; Huang et al. 2022, "value function
+        # loss clipping"), PPO-ptx SFT loss (Ouyang et al. 2022, eq. 2: it keeps the policy near its
+        # SFT data, limiting the "alignment tax"). Gradients are clipped to max_grad_norm.
+        t0 = time.time()
+        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "ratio", "approxkl", "clip", "vclip")}
+        for epoch in range(pc.ppo_epochs):
+            for j, mb in enumerate(torch.randperm(pc.batch_size).view(n_mb, pc.mini_batch_size).tolist()):
+                # Trim the columns no row of this mini-batch uses: left padding and the tail
+                # after its longest response.
+                mb_len = lengths[mb]
+                w = int(mb_len.max())
+                lead = int(query_mask[mb].argmax(dim=1).min())
+                mb_ids, mb_mask = ids[mb, lead: width_q + w], mask[mb, lead: width_q + w]
+                m = resp_mask[mb, :w]
+                new_logprobs, _ = response_logprobs(policy, mb_ids, mb_mask, w, pc.temperature)
+                diff = new_logprobs - logprobs[mb, :w]
+                ratio = torch.exp(diff)
+                adv = advantages[mb, :w]
+                pg1 = -adv * ratio
+                pg2 = -adv * torch.clamp(ratio, 1 - pc.cliprange, 1 + pc.cliprange)
+                pg_loss = masked_mean(torch.max(pg1, pg2), m)
+
+                v_new = response_values(value, mb_ids, mb_mask, w)
+                v_old, ret = values[mb, :w], returns[mb, :w]
+                v_clip = v_old + torch.clamp(v_new - v_old, -pc.cliprange_value, pc.cliprange_value)
+                vf1, vf2 = (v_new - ret) ** 2, (v_clip - ret) ** 2
+                vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m)
+                loss = pg_loss + pc.vf_coef * vf_loss
+
+                if sft:
+                    index = ((step - 1) * pc.ppo_epochs + epoch) * n_mb + j
+                    batch = [sft[i] for i in batch_rows(len(sft), pc.mini_batch_size, index, pc.seed + 1)]
+                    lm_loss = ptx_loss(policy, tok, batch, device)
+                    loss = loss + pc.ptx_coef * lm_loss
+                    stats["ptx"].append(lm_loss.item())
+
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(trainable, pc.max_grad_norm)
+                opt.step()
+                with torch.no_grad():
+                    stats["pg"].append(pg_loss.item())
+                    stats["vf"].append(vf_loss.item())
+                    stats["ratio"].append(masked_mean(ratio, m).item())
+                    stats["approxkl"].append(0.5 * masked_mean(diff**2, m).item())
+                    stats["clip"].append(masked_mean((pg2 > pg1).float(), m).item())
+                    stats["vclip"].append(masked_mean((vf2 > vf1).float(), m).item())
+        lr = sched.get_last_lr()[0]
+        sched.step()
+        t_update = time.time() - t0
+
+        avg = {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+        with torch.no_grad():
+            mean_kl = kl.sum(1).mean().item()
+            non_score_sum = non_score.sum(1).mean().item()
+            row = {
+                "objective/kl": mean_kl,
+                "objective/entropy": torch.where(resp_mask, -logprobs, 0).sum(1).mean().item(),
+                "objective/scores": scores.mean().item(),
+                "objective/rlhf_reward": non_score_sum + scores.mean().item(),
+                "objective/non_score_reward": non_score_sum,
+                "policy/approxkl_avg": avg["approxkl"],
+                "policy/clipfrac_avg": avg["clip"],
+                "loss/policy": avg["pg"],
+                "loss/value": avg["vf"],
+                "val/ratio": avg["ratio"],
+                "val/num_eos_tokens": int(has_eos.sum()),
+                "val/clipfrac_avg": avg["vclip"],
+                "lr": lr,
+                "kl_coef": kl_ctl.value,
+            }
+        if sft:
+            row["loss/ptx"] = avg["ptx"]
+        # Ziegler et al. 2019: the coefficient follows the KL of the batch just sampled.
+        kl_ctl.update(mean_kl, pc.batch_size)
+        row |= {"time/step_s": time.time() - t_step, "time/generate_s": t_gen, "time/score_s": t_score,
+                "time/update_s": t_update}
+        if step % pc.eval_every == 0 or step == pc.steps:
+            row |= evaluate(step)
+        metrics.log(step, **row)
+        bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{row['objective/scores']:.3f}")
+        if step % pc.checkpoint_every == 0 or step == pc.steps:
+            save_checkpoint(out / "checkpoint", modules, stateful, {"step": step})
+    bar.close()
+
+    # The final policy as a causal LM folder (adapters merged), loadable as `hf:<out>/model`.
+    final = policy.merge_and_unload() if pc.lora.r else policy
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    final.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    os.replace(tmp, out / "model")
+    summary = _summary(out)
+    echo(f"ppo: {summary['steps']} steps, eval score {summary['eval_score_start']} -> {summary['eval_score_end']}, "
+         f"KL {summary['kl_final']}; policy saved to {out / 'model'}")
+    return summary
+
