@@ -274,7 +274,6 @@ def test_lora(tmp_path, tiny_model, rm_dir, data_dir):
     policy = load_file(str(out / "checkpoint" / "policy.safetensors"))
     base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
             for k, v in policy.items() if "lora_" not in k}
-    assert start_policy.keys() & base.keys() == start_policy.keys() & set(base)
     assert all(torch.equal(start_policy[k], base[k]) for k in start_policy.keys() & base.keys())
     assert len(start_policy.keys() & base.keys()) > 10  # the base weights were found, and stayed
     lora_b = [v for k, v in policy.items() if "lora_B" in k]
