@@ -82,19 +82,23 @@ def cli():
 @set_opt
 @backend_opt
 @name_opt
-@click.option("--show", default=3, show_default=True, help="Print this many records of the last stage at the end.")
+@click.option("--rounds", type=click.IntRange(min=1), help="RLAIF rounds (overrides rounds): after PPO, the "
+              "trained policy answers the next round's prompts; each round in RUN/round-N/.")
+@click.option("--show", default=3, show_default=True, help="Print this many records of the last data stage at the end.")
 @user_errors
-def run(config, overrides, backend, name, show):
+def run(config, overrides, backend, name, rounds, show):
     """Run the stages CONFIG names (TOML or YAML), in order, in one run folder.
 
-    Rerunning a finished or interrupted run does only the missing work.
+    The whole loop is bootstrap -> instances -> critique -> judge -> rm -> ppo; a config
+    names the stages it wants in its `stages` list. Rerunning a finished or interrupted
+    run does only the missing work.
     """
-    from factory.pipeline import run_stages
+    from factory.pipeline import round_config, run_stages
 
-    cfg = _load(config, overrides, backend, name)
+    cfg = _load(config, overrides + ((f"rounds={rounds}",) if rounds else ()), backend, name)
     run_stages(cfg, echo=click.echo)
     if show:
-        _show_samples(cfg, show)
+        _show_samples(round_config(cfg, cfg.rounds), show)
     click.echo(f"run folder: {cfg.run_dir}")
 
 
@@ -452,10 +456,13 @@ def _show_samples(cfg: RunConfig, count: int) -> None:
     from factory.rerank import Reranked
     from factory.store import read_jsonl
 
-    last = cfg.stages[-1]
     files = {"generate": ("generations.jsonl", Generation), "bootstrap": ("instructions.jsonl", Instruction),
              "instances": ("tasks.jsonl", Task), "critique": ("revisions.jsonl", Revision),
              "judge": ("preferences.jsonl", Preference), "rerank": ("rerank.jsonl", Reranked)}
+    data_stages = [s for s in cfg.stages if s in files]
+    if not data_stages:
+        return
+    last = data_stages[-1]
     name, record_type = files[last]
     path = cfg.run_dir / name
     if not path.is_file():

@@ -51,6 +51,15 @@ class BackendConfig(Strict):
     backoff_s: float = Field(0.5, ge=0, description="openai: first retry delay; doubles each retry, with jitter")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
+    workers: int = Field(
+        1, ge=1, description="hf/vllm: data-parallel copies of the model, each a Ray actor (pip install 'factory[ray]'); "
+        "1 = one copy in this process, no Ray. Each stage batch (batch_size) is split across the copies"
+    )
+    ray_address: str | None = Field(
+        None, description="workers > 1: none starts a local Ray instance; 'auto' or 'ray://host:port' joins a cluster"
+    )
+    worker_cpus: float = Field(1.0, ge=0, description="workers > 1: CPUs Ray reserves for each copy (its torch threads)")
+    worker_gpus: float = Field(0.0, ge=0, description="workers > 1: GPUs Ray reserves for each copy (1: a GPU of its own)")
 
     @field_validator("spec")
     @classmethod
@@ -191,7 +200,9 @@ class JudgeConfig(Strict):
         return self
 
 
-STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank")
+STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo")
+TRAIN_STAGES = ("sft", "rm", "ppo")  # trainers: they load their own models, not the run's backend
+Stage = Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo"]
 
 
 class RunConfig(Strict):
@@ -200,8 +211,13 @@ class RunConfig(Strict):
     name: str = Field("demo", description="run folder name under output_dir")
     output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
     backend: BackendConfig = BackendConfig()
-    stages: list[Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank"]] = Field(
-        ["generate"], description="stages to run, in order"
+    stages: list[Stage] = Field(
+        ["generate"], description="stages to run, in order: generate, bootstrap, instances, critique, judge, "
+        "rerank, and the trainers sft, rm, ppo"
+    )
+    rounds: int = Field(
+        1, ge=1, description="RLAIF rounds: after PPO, the trained policy answers and revises the next round's "
+        "prompts (the judge stays the backend's model); with more than 1, round N lives in round-N/"
     )
     generate: GenerateConfig = GenerateConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
@@ -224,6 +240,8 @@ class RunConfig(Strict):
     def _stages_once(self) -> "RunConfig":
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages must not repeat, got {self.stages}")
+        if self.rounds > 1 and "ppo" not in self.stages:
+            raise ValueError(f"rounds = {self.rounds} needs the ppo stage: each round's policy answers the next round")
         return self
 
     @property

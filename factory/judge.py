@@ -242,11 +242,15 @@ def _distinct(responses: list[str]) -> list[str]:
 # -- the stage ----------------------------------------------------------------------------------
 
 
-def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backend | None = None) -> StageSummary:
+    """Judge with ``backend``; with candidates = samples, ``generator`` (default: the judge itself)
+    writes the responses: in a later RLAIF round it is the previous round's policy."""
     jc = cfg.judge
+    generator = generator or backend
     constitution = load_constitution(jc.constitution)
     settings = {
         "model": backend.model_id,
+        **({"generator": generator.model_id} if generator is not backend and jc.candidates == "samples" else {}),
         "constitution": file_sha256(jc.constitution),
         "config": jc.model_dump(mode="json", exclude={"constitution", "responses", "prompts", "limit", "min_confidence"}),
     }
@@ -268,7 +272,7 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
             if jc.candidates == "samples":
                 # 1. Sample the candidates (n per prompt).
                 params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
-                for it, completions in zip(batch, backend.generate([it.messages for it in batch], params)):
+                for it, completions in zip(batch, generator.generate([it.messages for it in batch], params)):
                     it.responses = [c.text for c in completions]
             # 2. Principles for each prompt, drawn by weight; identical responses are dropped.
             groups = [Group(it.messages, _distinct(it.responses),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
-from factory.config import RunConfig
+from factory.config import TRAIN_STAGES, RunConfig
 from factory.bootstrap import run_bootstrap
 from factory.constitution import load_constitution
 from factory.critique import run_critique
@@ -20,7 +22,7 @@ from factory.seeds import load_seeds
 from factory.summary import StageSummary
 
 StageFn = Callable[[RunConfig, Backend, Path], StageSummary]
-STAGE_FNS: dict[str, StageFn] = {
+STAGE_FNS: dict[str, StageFn] = {  # the data stages; the trainers (TRAIN_STAGES) run through run_train
     "generate": run_generate,
     "bootstrap": run_bootstrap,
     "instances": run_instances,
@@ -52,6 +54,10 @@ def input_files(cfg: RunConfig) -> list[Path]:
         files += [f for f in (cfg.judge.responses, cfg.judge.prompts) if f is not None]
     if "rerank" in cfg.stages and cfg.rerank.prompts is not None:
         files.append(cfg.rerank.prompts)
+    named = {"sft": [cfg.sft.data], "rm": [cfg.rm.pairs, cfg.rm.reference], "ppo": [cfg.ppo.prompts, cfg.ppo.sft_data]}
+    for stage in TRAIN_STAGES:
+        if stage in cfg.stages:
+            files += [Path(f) for f in named[stage] if f is not None]
     return files
 
 
@@ -82,30 +88,158 @@ def check_inputs(cfg: RunConfig) -> None:
         if not tasks_here.is_file():
             raise FileNotFoundError(f"{tasks_here}: no prompts to sample responses for; run instances first, "
                                     "or set judge.prompts")
+    if "sft" in cfg.stages and cfg.sft.data is None and "critique" not in cfg.stages:
+        if not (cfg.run_dir / "sft.jsonl").is_file():
+            raise FileNotFoundError(f"{cfg.run_dir / 'sft.jsonl'}: nothing to fine-tune on; run the critique stage "
+                                    "first, or set sft.data")
+    if "rm" in cfg.stages and cfg.rm.pairs is None and "judge" not in cfg.stages:
+        if not (cfg.run_dir / "preferences.jsonl").is_file():
+            raise FileNotFoundError(f"{cfg.run_dir / 'preferences.jsonl'}: no preference pairs to train the reward "
+                                    "model on; run the judge stage first, or set rm.pairs")
+    if "ppo" in cfg.stages:
+        rm = cfg.ppo.reward_model or cfg.run_dir / cfg.rm.output / "model"
+        if "rm" not in cfg.stages and not Path(rm).is_dir():
+            raise FileNotFoundError(f"{rm}: no reward model for PPO; add the rm stage, run `factory train rm`, "
+                                    "or set ppo.reward_model")
+        if cfg.ppo.prompts is None and "instances" not in cfg.stages and not tasks_here.is_file():
+            raise FileNotFoundError(f"{tasks_here}: no prompts for PPO; run instances first, or set ppo.prompts")
     if "rerank" in cfg.stages:
         rm = cfg.rerank.reward_model or cfg.run_dir / "rm" / "model"
-        if not Path(rm).is_dir():
+        rm_first = "rm" in cfg.stages and cfg.stages.index("rm") < cfg.stages.index("rerank")
+        if not rm_first and not Path(rm).is_dir():
             raise FileNotFoundError(f"{rm}: no reward model to rerank with; run `factory train rm` first, "
                                     "or set rerank.reward_model")
         if cfg.rerank.prompts is None and "instances" not in cfg.stages and not tasks_here.is_file():
             raise FileNotFoundError(f"{tasks_here}: no prompts to rerank; run instances first, or set rerank.prompts")
 
 
-def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[str], None] = print) -> list[StageSummary]:
-    check_inputs(cfg)
-    own = backend is None
-    if backend is None:
-        backend = load_backend(cfg.backend)
-    try:
-        run_dir = cfg.run_dir
-        info = {"spec": cfg.backend.spec, "model_id": backend.model_id, **getattr(backend, "info", {})}
-        write_manifest(run_dir, cfg, info, input_files(cfg))
-        summaries = []
-        for stage in cfg.stages:
-            summary = STAGE_FNS[stage](cfg, backend, run_dir)
+GENERATOR_STAGES = ("generate", "bootstrap", "instances", "critique", "rerank")
+"""stages whose text the policy writes; the judge stage asks the backend's model, every round"""
+FIRST_ROUND_ONLY = ("generate", "bootstrap", "instances")
+"""later rounds reuse round 1's tasks: the prompts stay, the answers change"""
+
+
+def round_dirs(run_dir: Path) -> list[Path]:
+    """The folders of a run's rounds, in order: round-1, round-2, ... or the run folder itself."""
+    rounds = [p for p in Path(run_dir).glob("round-*") if p.is_dir() and p.name[6:].isdigit()]
+    return sorted(rounds, key=lambda p: int(p.name[6:])) or [Path(run_dir)]
+
+
+def round_config(cfg: RunConfig, r: int) -> RunConfig:
+    """Round r's own config: its folder, its stages, and where its policy starts."""
+    if cfg.rounds == 1:
+        return cfg
+    update: dict = {"output_dir": cfg.run_dir, "name": f"round-{r}", "rounds": 1}
+    if r > 1:
+        previous = str(cfg.run_dir / f"round-{r - 1}" / cfg.ppo.output / "model")
+        update["stages"] = [s for s in cfg.stages if s not in FIRST_ROUND_ONLY]
+        # The loop: round r fine-tunes (sft) and optimises (ppo) the policy round r-1 ended with,
+        # which is also the KL reference of its PPO.
+        update["sft"] = cfg.sft.model_copy(update={"model": previous})
+        update["ppo"] = cfg.ppo.model_copy(update={"policy": "auto" if "sft" in cfg.stages else previous})
+    return cfg.model_copy(update=update)
+
+
+def policy_spec(cfg: RunConfig, r: int) -> str:
+    """The backend spec that generates round r's text: the configured model, then each round's policy."""
+    if r == 1:
+        return cfg.backend.spec
+    kind = "vllm" if cfg.backend.spec.startswith("vllm:") else "hf"
+    return f"{kind}:{cfg.run_dir / f'round-{r - 1}' / cfg.ppo.output / 'model'}"
+
+
+def carry_tasks(cfg: RunConfig, r: int) -> None:
+    """Give round r (> 1) round 1's tasks, copied whole (a copy interrupted half-way is never seen)."""
+    source = cfg.run_dir / "round-1" / "tasks.jsonl"
+    target = cfg.run_dir / f"round-{r}" / "tasks.jsonl"
+    if source.is_file() and not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(".tasks.jsonl.tmp")
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+
+
+class Backends:
+    """Backends by spec, each loaded on first use, and all let go before a trainer runs (on a GPU
+    a generation engine and a trainer do not fit side by side). ``given`` stands for the
+    configured spec (tests pass a scripted backend this way)."""
+
+    def __init__(self, cfg: RunConfig, given: Backend | None = None):
+        self.cfg, self.given, self.live = cfg, given, {}
+
+    def get(self, spec: str) -> Backend:
+        if self.given is not None and spec == self.cfg.backend.spec:
+            return self.given
+        if spec not in self.live:
+            self.live[spec] = load_backend(self.cfg.backend.model_copy(update={"spec": spec}))
+        return self.live[spec]
+
+    def release(self) -> None:
+        for backend in self.live.values():
+            backend.close()
+        self.live.clear()
+
+
+def train_line(stage: str, summary: dict) -> str:
+    shown = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return f"{stage}: " + ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in shown.items())
+
+
+def run_train(stage: str, cfg: RunConfig, echo: Callable[[str], None]) -> dict:
+    # The trainers import torch; they are imported here so a run without them never pays for it.
+    if stage == "sft":
+        from factory.train.sft import run_sft as fn
+    elif stage == "rm":
+        from factory.train.reward import run_reward as fn
+    else:
+        from factory.train.ppo import run_ppo as fn
+    return fn(cfg, echo=echo)
+
+
+def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], None]) -> list[StageSummary | dict]:
+    rcfg = round_config(cfg, r)
+    gen_spec = policy_spec(cfg, r)
+    needs = [gen_spec] * any(s in GENERATOR_STAGES for s in rcfg.stages) + [cfg.backend.spec] * ("judge" in rcfg.stages)
+    info: dict = {"spec": cfg.backend.spec}
+    if needs:  # load before the manifest so it records the model actually used
+        judge = backends.get(needs[-1])
+        info |= {"model_id": judge.model_id, **getattr(judge, "info", {})}
+    if gen_spec != cfg.backend.spec:
+        info["generator"] = gen_spec
+    write_manifest(rcfg.run_dir, rcfg, info, input_files(rcfg))
+    results: list[StageSummary | dict] = []
+    for stage in rcfg.stages:
+        if stage in TRAIN_STAGES:
+            backends.release()
+            summary = run_train(stage, rcfg, echo)
+            echo(train_line(stage, summary))
+        elif stage == "judge":
+            sampler = backends.get(gen_spec) if rcfg.judge.candidates == "samples" else None
+            summary = run_judge(rcfg, backends.get(cfg.backend.spec), rcfg.run_dir, generator=sampler)
             echo(summary.line())
-            summaries.append(summary)
+        else:
+            summary = STAGE_FNS[stage](rcfg, backends.get(gen_spec), rcfg.run_dir)
+            echo(summary.line())
+        results.append(summary)
+    return results
+
+
+def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[str], None] = print) -> list:
+    """Run every round of the config's stages; what is already done is skipped, stage by stage.
+
+    Returns each stage's summary in order: a ``StageSummary`` for data stages, a dict for trainers.
+    """
+    check_inputs(round_config(cfg, 1))
+    backends = Backends(cfg, backend)
+    summaries: list = []
+    try:
+        for r in range(1, cfg.rounds + 1):
+            if cfg.rounds > 1:
+                echo(f"round {r} of {cfg.rounds}: {cfg.run_dir / f'round-{r}'}")
+            if r > 1:
+                carry_tasks(cfg, r)
+                check_inputs(round_config(cfg, r))
+            summaries += run_round(cfg, r, backends, echo)
         return summaries
     finally:
-        if own:
-            backend.close()
+        backends.release()

@@ -1,0 +1,111 @@
+"""`factory run` over the whole loop: data stages, trainers, and RLAIF rounds.
+
+Everything here runs real models: the tiny random Llama (conftest) generates, judges and is
+trained, so the loop's plumbing is exercised in seconds; the text it writes is noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from factory.cli import cli
+from factory.config import ConfigError, load_config
+from factory.pipeline import check_inputs, round_dirs
+from factory.records import Preference, Revision
+from factory.store import read_jsonl
+
+TOPICS = ["tea", "rain", "maps", "bread", "owls", "clocks"]
+
+
+def loop_config(folder: Path, model: Path, rounds: int = 2, stages=("critique", "judge", "rm", "ppo")) -> Path:
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Say something about {t}."}) + "\n" for t in TOPICS))
+    config = {
+        "name": "loop", "output_dir": str(folder / "outputs"), "stages": list(stages), "rounds": rounds,
+        "backend": {"spec": f"hf:{model}", "batch_size": 16, "device": "cpu"},
+        "critique": {"prompts": str(prompts), "params": {"max_tokens": 6}},
+        "rm": {"model": str(model), "batch_size": 2, "held_out": 0.2, "device": "cpu", "lr": 1e-3},
+        "ppo": {"policy": str(model), "prompts": str(prompts), "steps": 2, "batch_size": 2, "mini_batch_size": 2,
+                "ppo_epochs": 1, "response_length": 6, "max_prompt_length": 32, "eval_prompts": 2, "eval_every": 2,
+                "checkpoint_every": 2, "device": "cpu", "lr": 1e-3},
+    }
+    path = folder / "loop.json.yaml"  # JSON is YAML
+    path.write_text(json.dumps(config))
+    return path
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_two_rounds(tmp_path, tiny_model):
+    config = loop_config(tmp_path, tiny_model)
+    result = CliRunner().invoke(cli, ["run", str(config), "--show", "1"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "outputs" / "loop"
+    first, second = round_dirs(run)
+    assert (first.name, second.name) == ("round-1", "round-2")
+    assert "round 2 of 2" in result.output
+    policy_1 = first / "policy" / "model"
+    for folder in (first, second):
+        assert len(read_jsonl(folder / "revisions.jsonl", Revision)) == len(TOPICS)
+        assert read_jsonl(folder / "preferences.jsonl", Preference)
+        assert (folder / "rm" / "model" / "scalar_model.json").is_file()
+        assert (folder / "policy" / "model" / "config.json").is_file()
+
+    # Round 2's answers come from round 1's policy; the judge stays the configured model.
+    assert {r.model for r in read_jsonl(second / "revisions.jsonl", Revision)} != \
+        {r.model for r in read_jsonl(first / "revisions.jsonl", Revision)}
+    assert str(policy_1) in {r.model for r in read_jsonl(second / "revisions.jsonl", Revision)}.pop()
+    judges = {p.judge_model for f in (first, second) for p in read_jsonl(f / "preferences.jsonl", Preference)}
+    assert len(judges) == 1
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["backend"]["generator"] == f"hf:{policy_1}"
+    assert manifest["config"]["ppo"]["policy"] == str(policy_1)
+
+    # Round 2's PPO starts from round 1's final policy: its step-0 greedy samples are the ones
+    # round 1 ended with (same held-out prompts, greedy decoding).
+    end_1 = [r for r in rows(first / "policy" / "samples.jsonl") if r["step"] == 2]
+    start_2 = [r for r in rows(second / "policy" / "samples.jsonl") if r["step"] == 0]
+    assert [r["response"] for r in start_2] == [r["response"] for r in end_1] and end_1
+    # ... and each round moved its policy: weights differ from where the round started.
+    weights = [load_file(f / "model.safetensors") for f in (tiny_model, policy_1, second / "policy" / "model")]
+    for before, after in zip(weights, weights[1:]):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    # A rerun of the finished run does no work.
+    before = {p: p.read_bytes() for p in run.rglob("*.jsonl")}
+    again = CliRunner().invoke(cli, ["run", str(config), "--show", "0"])
+    assert again.exit_code == 0, again.output
+    assert {p: p.read_bytes() for p in run.rglob("*.jsonl")} == before
+    assert "critique: 0 written" in again.output and "nothing to do" in again.output
+
+
+def test_rounds_need_ppo(tmp_path, tiny_model):
+    with pytest.raises(ConfigError, match="rounds = 2 needs the ppo stage"):
+        load_config(loop_config(tmp_path, tiny_model, stages=("critique", "judge", "rm")))
+
+
+def test_trainers_check_their_inputs_before_any_model_loads(tmp_path, tiny_model):
+    cfg = load_config(loop_config(tmp_path, tiny_model, rounds=1, stages=("rm", "ppo")))
+    with pytest.raises(FileNotFoundError, match=r"preferences.jsonl: no preference pairs .* run the judge stage"):
+        check_inputs(cfg)
+    cfg = load_config(loop_config(tmp_path, tiny_model, rounds=1, stages=("ppo",)))
+    with pytest.raises(FileNotFoundError, match=r"rm/model: no reward model for PPO"):
+        check_inputs(cfg)
+    result = CliRunner().invoke(cli, ["run", str(loop_config(tmp_path, tiny_model, rounds=1, stages=("sft",)))])
+    assert result.exit_code == 2 and "sft.jsonl: nothing to fine-tune on" in result.output
