@@ -30,7 +30,7 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
 
 def test_demo_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.toml")
-    assert cfg.stages == ["bootstrap", "instances", "critique", "judge"] and cfg.backend.spec == "hf:embedded"
+    assert cfg.stages == ["bootstrap", "instances", "critique", "judge", "rm", "ppo"] and cfg.backend.spec == "hf:embedded"
 
 
 def test_unknown_key_names_the_path(tmp_path):
@@ -108,3 +108,16 @@ def test_override_errors():
         apply_override({"name": "x"}, "name.sub=1")
     with pytest.raises(ConfigError, match=r"\(defaults\): invalid config\n  stages: must not repeat|stages must not repeat"):
         load_config(None, ["stages=[generate, generate]"])
+
+
+def test_reference_config_lists_every_key_and_is_current():
+    """configs/reference.toml is what `factory config --reference` prints, and it loads to the defaults."""
+    from factory.config_reference import reference_toml
+
+    path = Path(__file__).parent.parent / "configs" / "reference.toml"
+    assert path.read_text(encoding="utf-8") == reference_toml(), "regenerate: factory config --reference > " + str(path)
+    assert load_config(path) == RunConfig()
+    text = path.read_text(encoding="utf-8")
+    for table in ("backend", "bootstrap.params", "critique", "judge", "sft.lora", "rm", "ppo", "rerank.params"):
+        assert f"\n[{table}]" in text
+    assert "\nkl_coef = 0.05   # per-token KL penalty" in text and "# max_requests = ..." in text

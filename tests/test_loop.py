@@ -60,6 +60,8 @@ def test_two_rounds(tmp_path, tiny_model):
     first, second = round_dirs(run)
     assert (first.name, second.name) == ("round-1", "round-2")
     assert "round 2 of 2" in result.output
+    page = run / "report" / "index.html"
+    assert f"report: {page}" in result.output and (run / "report" / "rounds.png").is_file()
     policy_1 = first / "policy" / "model"
     for folder in (first, second):
         assert len(read_jsonl(folder / "revisions.jsonl", Revision)) == len(TOPICS)
