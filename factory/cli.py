@@ -584,3 +584,7 @@ def _show_samples(cfg: RunConfig, count: int) -> None:
 
 def main():
     cli(prog_name="factory")
+
+
+if __name__ == "__main__":  # python -m factory.cli, e.g. under accelerate launch
+    main()

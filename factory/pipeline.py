@@ -180,13 +180,8 @@ class Backends:
         self.live.clear()
 
 
-def train_line(stage: str, summary: dict) -> str:
-    shown = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    return f"{stage}: " + ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in shown.items())
-
-
 def run_train(stage: str, cfg: RunConfig, echo: Callable[[str], None]) -> dict:
-    # The trainers import torch; they are imported here so a run without them never pays for it.
+    # The trainers import torch and peft; imported here, a run without them never pays for it.
     if stage == "sft":
         from factory.train.sft import run_sft as fn
     elif stage == "rm":
@@ -211,8 +206,7 @@ def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], 
     for stage in rcfg.stages:
         if stage in TRAIN_STAGES:
             backends.release()
-            summary = run_train(stage, rcfg, echo)
-            echo(train_line(stage, summary))
+            summary = run_train(stage, rcfg, echo)  # a trainer says what it did itself
         elif stage == "judge":
             sampler = backends.get(gen_spec) if rcfg.judge.candidates == "samples" else None
             summary = run_judge(rcfg, backends.get(cfg.backend.spec), rcfg.run_dir, generator=sampler)

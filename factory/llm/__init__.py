@@ -2,7 +2,8 @@
 
 ``hf:embedded``, ``hf:/path/to/model``, ``hf:org/name``, ``openai:http://127.0.0.1:8000/v1#model``,
 ``vllm:org/name``. Each backend module is imported only when chosen, so vLLM and
-the HTTP client cost nothing to a user who does not pick them.
+the HTTP client cost nothing to a user who does not pick them. ``workers > 1`` in the
+config runs that many copies of the chosen backend as Ray actors (``raypool.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ __all__ = ["Backend", "BackendError", "Completion", "GenParams", "Messages", "lo
 
 
 def load_backend(cfg: "BackendConfig") -> Backend:
+    if cfg.workers > 1:
+        # Each Ray actor calls back into load_backend with workers = 1 to build its own copy.
+        from factory.llm.raypool import RayPool
+
+        return RayPool(cfg)
     kind, _, rest = cfg.spec.partition(":")
     if kind == "hf":
         from factory.llm.hf import HFBackend
