@@ -7,6 +7,7 @@ one-paragraph message naming the file, key or server; never a traceback.
 from __future__ import annotations
 
 import json
+import os
 from functools import wraps
 from pathlib import Path
 
@@ -97,6 +98,9 @@ def run(config, overrides, backend, name, rounds, show, make_report):
     """
     from factory.pipeline import round_config, run_stages
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("factory run is one process: every process would run and write the data stages. Launch "
+                        "only the trainers with several processes (accelerate launch ... factory train sft|rm|ppo)")
     cfg = _load(config, overrides + ((f"rounds={rounds}",) if rounds else ()), backend, name)
     run_stages(cfg, echo=click.echo)
     if show:
@@ -211,7 +215,8 @@ def train_command(name: str, module: str, fn: str, doc: str):
 
         cfg = _load(config, overrides, None, name)
         summary = getattr(importlib.import_module(module), fn)(cfg, echo=click.echo)
-        click.echo(json.dumps(summary, indent=2))
+        if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, the first process speaks
+            click.echo(json.dumps(summary, indent=2))
 
     command.__doc__ = doc
     return train.command(name=name)(command)

@@ -15,6 +15,14 @@ reward and value models likewise share the reward model's backbone (value = adap
 Rollouts are laid out as ``[left padding][prompt][response][padding after EOS]``: the response
 block starts at the same column in every row, so one slice takes every row's response logits.
 Masks are always built from lengths, never from a token being the pad token.
+
+Several processes (``accelerate launch --multi_gpu --num_processes N``, or torchrun): ``batch_size``
+and ``mini_batch_size`` stay global (multiples of N). Each process samples its share of a step's
+rollouts from a random stream of its own; whitening statistics, the KL controller's KL and the
+logged means are taken over all the rollouts, and every loss is a token mean over the whole
+mini-batch (each process's token sums over the mini-batch's token count), so the summed gradients
+are those of one process holding every rollout (``common.Dist``). Rank 0 evaluates its share of
+the held-out prompts like the others and writes every file.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from torch import nn
 from factory.config import RunConfig
 from factory.train import TrainError
 from factory.train.common import (
+    SOLO,
+    Dist,
     Metrics,
     ScalarModel,
     add_lora,
@@ -43,7 +53,7 @@ from factory.train.common import (
     load_tokenizer,
     make_optimizer,
     pad_right,
-    pick_device,
+    processes,
     prompt_ids,
     read_messages,
     resolve_model,
@@ -57,17 +67,20 @@ CONFIG = PPOConfig  # cfg.ppo: the settings of this trainer, each field document
 # -- pure pieces (unit-tested on hand-computed values) -------------------------------------------
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, x, 0).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, count: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``x`` over the mask; ``count``: the denominator instead of the mask's size, when the
+    mean runs over the tokens of several processes (this one's sum is then its share of the mean)."""
+    return torch.where(mask, x, 0).sum() / (mask.sum().clamp(min=1) if count is None else count)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, dist: Dist = SOLO) -> torch.Tensor:
     """(x - mean) / std over the masked entries, unbiased variance (as summarize_from_feedback's
     ``whiten``); with ``shift_mean=False`` the mean is added back (used for rewards). Entries
-    outside the mask come out 0."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    outside the mask come out 0. With several processes, mean and variance are over every
+    process's entries: the result is what one process holding them all computes."""
+    n = dist.sum(mask.sum())
+    mean = dist.sum(torch.where(mask, x, 0).sum()) / n.clamp(min=1)
+    var = dist.sum(torch.where(mask, (x - mean) ** 2, 0).sum()) / n.clamp(min=1) * n / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -223,14 +236,15 @@ def response_values(value: ScalarModel, ids, mask, n_resp: int) -> torch.Tensor:
     return value.token_scores(ids, mask, position_ids=positions(mask))[:, -n_resp - 1: -1]
 
 
-def ptx_loss(policy, tok, batch: list[tuple[list[int], list[int]]], device) -> torch.Tensor:
-    """Mean next-token loss on the assistant tokens of a batch of SFT conversations."""
+def ptx_loss(policy, tok, batch: list[tuple[list[int], list[int]]], device, tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token loss on the assistant tokens of a batch of SFT conversations (``tokens``:
+    the denominator when ``batch`` is this process's share of a larger one, as in ``masked_mean``)."""
     ids = pad_right([r[0] for r in batch], tok.pad_token_id).to(device)
     mask = length_mask([r[0] for r in batch]).to(device)
     target = pad_right([r[1] for r in batch], 0).to(device).bool()
     logits = policy(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-    return masked_mean(nll, target[:, 1:])
+    return masked_mean(nll, target[:, 1:], tokens)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -316,6 +330,11 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     from tqdm import tqdm
 
     pc = cfg.ppo
+    dist, device = processes(pc.device)
+    echo = dist.main_only(echo)
+    if pc.batch_size % dist.world or pc.mini_batch_size % dist.world:
+        raise TrainError(f"ppo.batch_size ({pc.batch_size}) and ppo.mini_batch_size ({pc.mini_batch_size}) must be "
+                         f"multiples of the number of processes ({dist.world}): each process takes an equal share")
     out = cfg.run_dir / pc.output
     if _finished(out, pc.steps):
         echo(f"ppo: {out} already holds a finished run of {pc.steps} steps; nothing to do")
@@ -323,7 +342,6 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     rm_path = Path(pc.reward_model) if pc.reward_model else cfg.run_dir / "rm" / "model"
     if not (rm_path / "config.json").is_file():
         raise TrainError(f"no reward model at {rm_path}: run `factory train rm` first (or set ppo.reward_model)")
-    device = pick_device(pc.device)
     seed_all(pc.seed)
 
     # -- models: policy, reference, reward, value (dropout off in all: common.no_dropout) --
@@ -358,15 +376,23 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     train = [prompts[i] for i in order[pc.eval_prompts:]]
     sft = _ptx_data(cfg, tok) if pc.ptx_coef > 0 else []
 
-    state = load_checkpoint(out / "checkpoint", modules, stateful)
+    # Every process starts from the same weights (LoRA's random A matrices included), then samples
+    # from a stream of its own: the same stream would draw the same tokens wherever two processes'
+    # prompts coincide. Rank 0 keeps the stream one process uses; a checkpoint restores each's.
+    if dist.rank:
+        seed_all(pc.seed + dist.rank)
+    state = load_checkpoint(out / "checkpoint", modules, stateful, dist)
+    dist.broadcast(modules)
     start = state["step"] if state else 0
-    metrics = Metrics(out / "metrics.jsonl", start if state else None)
-    _keep_rows(out / "samples.jsonl", start if state else None)
+    metrics = Metrics(out / "metrics.jsonl", start if state else None, write=dist.is_main)
+    if dist.is_main:
+        _keep_rows(out / "samples.jsonl", start if state else None)
     echo(f"ppo: policy {policy_id}, reward model {rm_path}, {len(train)} train / {len(held)} eval prompts"
          + (f"; resuming after step {start}" if state else ""))
 
     eos, pad = tok.eos_token_id, tok.pad_token_id
     n_mb = pc.batch_size // pc.mini_batch_size
+    rollouts, mini = pc.batch_size // dist.world, pc.mini_batch_size // dist.world  # this process's
 
     def score(prompt_rows: list[list[int]], responses: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # The reward model reads right-padded rows (its last_scores takes the last real token),
@@ -377,8 +403,9 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
 
     def evaluate(step: int) -> dict:
         t0, results = time.time(), []
-        for i in range(0, len(held), pc.batch_size):
-            chunk = held[i: i + pc.batch_size]
+        mine = dist.shard(held)
+        for i in range(0, len(mine), pc.batch_size):
+            chunk = mine[i: i + pc.batch_size]
             ids, mask = left_pad([p for _, p in chunk], pad, device)
             responses, _ = sample(policy, ids, mask, pc.response_length, 1.0, eos, greedy=True)
             responses, lengths, has_eos = truncate_after_eos(responses, eos, pad)
@@ -386,6 +413,10 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
             for (text, _), r, n, s in zip(chunk, responses, lengths, scores.tolist()):
                 results.append({"step": step, "prompt": text,
                                 "response": tok.decode(r[: int(n)], skip_special_tokens=True), "score": s})
+        shares = dist.gather(results)
+        if not dist.is_main:
+            return {}
+        results = [r for share in shares for r in share]  # rank order: the held-out prompts' order
         with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
         if not results:
@@ -395,11 +426,13 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     if not state:
         metrics.log(0, **evaluate(0))
 
-    bar = tqdm(range(start + 1, pc.steps + 1), desc="ppo", unit="step", initial=start, total=pc.steps)
+    bar = tqdm(range(start + 1, pc.steps + 1), desc="ppo", unit="step", initial=start, total=pc.steps,
+               disable=not dist.is_main)
     for step in bar:
         t_step = time.time()
         with torch.no_grad():
             chunk = [train[i] for i in batch_rows(len(train), pc.batch_size, step - 1, pc.seed)]
+            chunk = dist.shard(chunk)  # this process's rollouts
             prompt_rows = [p for _, p in chunk]
             query, query_mask = left_pad(prompt_rows, pad, device)
             width_q = query.shape[1]
@@ -432,22 +465,25 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
 
             # 5. whiten rewards (optional; summarize_from_feedback_details' `whiten_rewards`, mean kept).
             if pc.whiten_rewards:
-                rewards = masked_whiten(rewards, resp_mask, shift_mean=False)
+                rewards = masked_whiten(rewards, resp_mask, shift_mean=False, dist=dist)
 
             # 6. GAE over the response tokens, then advantages whitened over the batch's real
-            # tokens only (summarize_from_feedback_details' masked_whiten of the advantages).
+            # tokens only (summarize_from_feedback_details' masked_whiten of the advantages), every
+            # process's rollouts together.
             advantages, returns = gae(rewards, values, resp_mask, pc.gamma, pc.lam)
-            advantages = masked_whiten(advantages, resp_mask)
+            advantages = masked_whiten(advantages, resp_mask, dist=dist)
             t_score = time.time() - t0
 
         # 7. update: ppo_epochs passes over shuffled mini-batches; clipped policy loss (Schulman et
         # al. 2017), clipped value loss (OpenAI baselines' PPO2; Huang et al. 2022, "value function
         # loss clipping"), PPO-ptx SFT loss (Ouyang et al. 2022, eq. 2: it keeps the policy near its
-        # SFT data, limiting the "alignment tax"). Gradients are clipped to max_grad_norm.
+        # SFT data, limiting the "alignment tax"). Gradients are clipped to max_grad_norm. With several
+        # processes a mini-batch is every process's `mini` rollouts; its means are over all their
+        # tokens, so each loss and statistic here is this process's share, summed over processes below.
         t0 = time.time()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "ratio", "approxkl", "clip", "vclip")}
         for epoch in range(pc.ppo_epochs):
-            for j, mb in enumerate(torch.randperm(pc.batch_size).view(n_mb, pc.mini_batch_size).tolist()):
+            for j, mb in enumerate(torch.randperm(rollouts).view(n_mb, mini).tolist()):
                 # Trim the columns no row of this mini-batch uses: left padding and the tail
                 # after its longest response.
                 mb_len = lengths[mb]
@@ -455,60 +491,72 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
                 lead = int(query_mask[mb].argmax(dim=1).min())
                 mb_ids, mb_mask = ids[mb, lead: width_q + w], mask[mb, lead: width_q + w]
                 m = resp_mask[mb, :w]
+                batch = []
+                if sft:
+                    index = ((step - 1) * pc.ppo_epochs + epoch) * n_mb + j
+                    batch = [sft[i] for i in batch_rows(len(sft), pc.mini_batch_size, index, pc.seed + 1)]
+                    batch = dist.shard(batch)
+                # the whole mini-batch's response tokens and SFT assistant tokens (the loss means' denominators)
+                tokens, sft_tokens = dist.total(int(m.sum()), sum(sum(loss_mask[1:]) for _, loss_mask in batch))
                 new_logprobs, _ = response_logprobs(policy, mb_ids, mb_mask, w, pc.temperature)
                 diff = new_logprobs - logprobs[mb, :w]
                 ratio = torch.exp(diff)
                 adv = advantages[mb, :w]
                 pg1 = -adv * ratio
                 pg2 = -adv * torch.clamp(ratio, 1 - pc.cliprange, 1 + pc.cliprange)
-                pg_loss = masked_mean(torch.max(pg1, pg2), m)
+                pg_loss = masked_mean(torch.max(pg1, pg2), m, tokens)
 
                 v_new = response_values(value, mb_ids, mb_mask, w)
                 v_old, ret = values[mb, :w], returns[mb, :w]
                 v_clip = v_old + torch.clamp(v_new - v_old, -pc.cliprange_value, pc.cliprange_value)
                 vf1, vf2 = (v_new - ret) ** 2, (v_clip - ret) ** 2
-                vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m)
+                vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m, tokens)
                 loss = pg_loss + pc.vf_coef * vf_loss
 
                 if sft:
-                    index = ((step - 1) * pc.ppo_epochs + epoch) * n_mb + j
-                    batch = [sft[i] for i in batch_rows(len(sft), pc.mini_batch_size, index, pc.seed + 1)]
-                    lm_loss = ptx_loss(policy, tok, batch, device)
+                    lm_loss = ptx_loss(policy, tok, batch, device, sft_tokens)
                     loss = loss + pc.ptx_coef * lm_loss
                     stats["ptx"].append(lm_loss.item())
 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                dist.sum_grads(trainable)
                 nn.utils.clip_grad_norm_(trainable, pc.max_grad_norm)
                 opt.step()
                 with torch.no_grad():
                     stats["pg"].append(pg_loss.item())
                     stats["vf"].append(vf_loss.item())
-                    stats["ratio"].append(masked_mean(ratio, m).item())
-                    stats["approxkl"].append(0.5 * masked_mean(diff**2, m).item())
-                    stats["clip"].append(masked_mean((pg2 > pg1).float(), m).item())
-                    stats["vclip"].append(masked_mean((vf2 > vf1).float(), m).item())
+                    stats["ratio"].append(masked_mean(ratio, m, tokens).item())
+                    stats["approxkl"].append(0.5 * masked_mean(diff**2, m, tokens).item())
+                    stats["clip"].append(masked_mean((pg2 > pg1).float(), m, tokens).item())
+                    stats["vclip"].append(masked_mean((vf2 > vf1).float(), m, tokens).item())
         lr = sched.get_last_lr()[0]
         sched.step()
         t_update = time.time() - t0
 
-        avg = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        # Each statistic is this process's share of a mean over all processes' tokens: they add up.
+        names = [k for k, v in stats.items() if v]
+        avg = dict(zip(names, dist.total(*(sum(stats[k]) / len(stats[k]) for k in names))))
 
         with torch.no_grad():
-            mean_kl = kl.sum(1).mean().item()
-            non_score_sum = non_score.sum(1).mean().item()
+            # Means over this process's rollouts; every process has as many, so the mean of their means
+            # is the mean over all rollouts, the same on every process (the KL controller stays in step).
+            entropy = torch.where(resp_mask, -logprobs, 0).sum(1).mean().item()
+            *sums, n_eos = dist.total(kl.sum(1).mean().item(), entropy, scores.mean().item(),
+                                      non_score.sum(1).mean().item(), int(has_eos.sum()))
+            mean_kl, entropy, score_mean, non_score_sum = (v / dist.world for v in sums)
             row = {
                 "objective/kl": mean_kl,
-                "objective/entropy": torch.where(resp_mask, -logprobs, 0).sum(1).mean().item(),
-                "objective/scores": scores.mean().item(),
-                "objective/rlhf_reward": non_score_sum + scores.mean().item(),
+                "objective/entropy": entropy,
+                "objective/scores": score_mean,
+                "objective/rlhf_reward": non_score_sum + score_mean,
                 "objective/non_score_reward": non_score_sum,
                 "policy/approxkl_avg": avg["approxkl"],
                 "policy/clipfrac_avg": avg["clip"],
                 "loss/policy": avg["pg"],
                 "loss/value": avg["vf"],
                 "val/ratio": avg["ratio"],
-                "val/num_eos_tokens": int(has_eos.sum()),
+                "val/num_eos_tokens": int(n_eos),
                 "val/clipfrac_avg": avg["vclip"],
                 "lr": lr,
                 "kl_coef": kl_ctl.value,
@@ -524,17 +572,19 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         metrics.log(step, **row)
         bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{row['objective/scores']:.3f}")
         if step % pc.checkpoint_every == 0 or step == pc.steps:
-            save_checkpoint(out / "checkpoint", modules, stateful, {"step": step})
+            save_checkpoint(out / "checkpoint", modules, stateful, {"step": step}, dist)
     bar.close()
 
     # The final policy as a causal LM folder (adapters merged), loadable as `hf:<out>/model`.
-    final = policy.merge_and_unload() if pc.lora.r else policy
-    tmp = out / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    final.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(out / "model", ignore_errors=True)
-    os.replace(tmp, out / "model")
+    if dist.is_main:  # the others wait below, then read the summary rank 0's metrics give
+        final = policy.merge_and_unload() if pc.lora.r else policy
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        final.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(out / "model", ignore_errors=True)
+        os.replace(tmp, out / "model")
+    dist.barrier()
     summary = _summary(out)
     echo(f"ppo: {summary['steps']} steps, eval score {summary['eval_score_start']} -> {summary['eval_score_end']}, "
          f"KL {summary['kl_final']}; policy saved to {out / 'model'}")

@@ -28,6 +28,11 @@ by default) is stored as the model's bias, so references score 0 on average and 
 centred (Stiennon et al. 2020, "normalize the reward model so that the reference summaries have a
 mean score of 0").
 
+Several processes (``accelerate launch --multi_gpu --num_processes N``, or torchrun): ``batch_size``
+stays the pairs of one optimiser step; each process takes a share of the batch, and its loss is its
+pairs' summed loss over the whole batch's pair count, so the summed gradients are those of the batch
+mean (``common.Dist``). Held-out evaluation and the normalisation are split between them too.
+
 Output under ``<run>/<rm.output>/``: ``checkpoint/`` (every ``checkpoint_every`` steps and each epoch
 end; the run resumes from it exactly), ``metrics.jsonl``, ``eval.json`` and ``model/`` (a ScalarModel
 folder with its tokenizer, LoRA merged in).
@@ -55,6 +60,8 @@ from factory.records import Preference, file_sha256, work_key
 from factory.train import TrainError
 from factory.train.common import (
     SCALAR_META,
+    SOLO,
+    Dist,
     Metrics,
     ScalarModel,
     add_lora,
@@ -63,7 +70,7 @@ from factory.train.common import (
     load_tokenizer,
     make_optimizer,
     pad_right,
-    pick_device,
+    processes,
     read_messages,
     resolve_model,
     save_checkpoint,
@@ -315,21 +322,27 @@ def batch_loss(model: ScalarModel, batch: list[Pair], pad_id: int, device: torch
 
 @torch.no_grad()
 def evaluate(model: ScalarModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device,
-             share_prompt: bool, limit: int) -> dict | None:
-    """Held-out pairwise accuracy (r_chosen > r_rejected), mean margin and loss; None with no pairs."""
+             share_prompt: bool, limit: int, dist: Dist = SOLO) -> dict | None:
+    """Held-out pairwise accuracy (r_chosen > r_rejected), mean margin and loss; None with no pairs.
+    Each process scores its share of the batches."""
     if not pairs:
         return None
     was_training = model.training
     model.eval()
     ds, ps = [], []
-    for batch in epoch_batches(pairs, batch_size, share_prompt, 0, 0):
+    for batch in dist.shard(epoch_batches(pairs, batch_size, share_prompt, 0, 0)):
         _, d = batch_loss(model, [pairs[i] for i in batch], pad_id, device, share_prompt, limit)
         ds.append(d)
         ps += [pairs[i].p for i in batch]
-    d = torch.cat(ds)
-    loss = bt_loss(d, torch.tensor(ps, dtype=d.dtype, device=d.device))
+    means = [0.0, 0.0, 0.0]
+    if ds:
+        d = torch.cat(ds)
+        loss = bt_loss(d, torch.tensor(ps, dtype=d.dtype, device=d.device))
+        means = [(d > 0).float().mean().item(), d.mean().item(), loss.item()]
+    # Means over this process's pairs, weighted by their count into means over all the pairs.
+    *sums, count = dist.total(*(m * len(ps) for m in means), len(ps))
     model.train(was_training)
-    return {"accuracy": (d > 0).float().mean().item(), "margin": d.mean().item(), "loss": loss.item()}
+    return dict(zip(("accuracy", "margin", "loss"), (v / count for v in sums)))
 
 
 @torch.no_grad()
@@ -374,6 +387,8 @@ def saved_state(ckpt: Path) -> dict | None:
 
 def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     rc: RewardConfig = cfg.rm
+    dist, device = processes(rc.device)
+    echo = dist.main_only(echo)
     out = cfg.run_dir / rc.output
     final, ckpt, eval_file = out / "model", out / "checkpoint", out / "eval.json"
     if (final / SCALAR_META).is_file():
@@ -390,7 +405,6 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         raise TrainError(f"{pairs_path}: no preference pairs in the file; run the judge stage first, "
                          "or set rm.pairs")
     path, model_id = resolve_model(rc.model)
-    device = pick_device(rc.device)
     tok = load_tokenizer(path)
     # A row of packed replies holds at most two full pairs' worth: a pair always fits in one row.
     limit = 2 * rc.max_length
@@ -421,7 +435,9 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, rc, total_steps)
-    state = load_checkpoint(ckpt, {"model": model}, {} if trained_out else {"optimizer": opt, "scheduler": sched})
+    state = load_checkpoint(ckpt, {"model": model}, {} if trained_out else {"optimizer": opt, "scheduler": sched},
+                            dist)
+    dist.broadcast({"model": model})
     if state is None:
         state = {"fingerprint": fingerprint, "step": 0, "epoch": 0, "position": 0, "evals": []}
     elif trained_out:
@@ -429,26 +445,36 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     else:
         echo(f"rm: resuming from {ckpt} at step {state['step']} (epoch {state['epoch'] + 1}, "
              f"batch {state['position']} of {per_epoch})")
-    metrics = Metrics(out / "metrics.jsonl", state["step"])
+    metrics = Metrics(out / "metrics.jsonl", state["step"], write=dist.is_main)
     echo(f"rm: {len(train)} train / {len(held)} held-out pairs ({truncated} cut to {rc.max_length} tokens), "
          f"{total_steps} steps on {model_id}")
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, state)
+        save_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, state, dist)
 
     started, trained = time.time(), 0
-    bar = tqdm(total=total_steps, initial=state["step"], desc="rm", unit="step")
+    bar = tqdm(total=total_steps, initial=state["step"], desc="rm", unit="step", disable=not dist.is_main)
     for epoch in range(state["epoch"], rc.epochs):
         batches = epoch_batches(train, rc.batch_size, rc.share_prompt, rc.seed, epoch)
         for position in range(state["position"], len(batches)):
             batch = [train[i] for i in batches[position]]
-            # 4. Forward: scores of both replies (prompt run once), soft Bradley-Terry loss.
-            loss, d = batch_loss(model, batch, tok.pad_token_id, device, rc.share_prompt, limit)
-            if not torch.isfinite(loss):
-                raise TrainError(f"rm: the loss is {loss.item()} at step {state['step'] + 1}; lower rm.lr")
-            # 5. Backward, clip, step.
+            # 4. Forward: scores of both replies (prompt run once), soft Bradley-Terry loss. With several
+            # processes, this one's share of the batch: its means weighted by its share of the pairs.
+            mine = dist.shard(batch)
+            weight = len(mine) / len(batch)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            shares = [0.0, 0.0, 0.0]
+            if mine:
+                loss, d = batch_loss(model, mine, tok.pad_token_id, device, rc.share_prompt, limit)
+                loss = loss * weight
+                shares = [loss.item(), (d > 0).float().mean().item() * weight, d.mean().item() * weight]
+            train_loss, accuracy, margin = dist.total(*shares)  # shares of the batch's means add up to them
+            if not math.isfinite(train_loss):
+                raise TrainError(f"rm: the loss is {train_loss} at step {state['step'] + 1}; lower rm.lr")
+            # 5. Backward, sum the processes' gradients, clip, step.
+            if mine:
+                loss.backward()
+            dist.sum_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, rc.max_grad_norm)
             lr = sched.get_last_lr()[0]
             opt.step()
@@ -457,14 +483,14 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
             state.update(step=state["step"] + 1, position=position + 1)
             trained += len(batch)
             metrics.log(state["step"], epoch=epoch + 1, **{
-                "train/loss": loss.item(), "train/accuracy": (d > 0).float().mean().item(),
-                "train/margin": d.mean().item(), "lr": lr, "grad_norm": grad_norm.item()})
+                "train/loss": train_loss, "train/accuracy": accuracy, "train/margin": margin, "lr": lr,
+                "grad_norm": grad_norm.item()})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}")
             if state["step"] % rc.checkpoint_every == 0 and position + 1 < len(batches):
                 checkpoint()
         # 7. Epoch end: held-out accuracy and margin, then the checkpoint the next epoch starts from.
-        result = evaluate(model, held, rc.batch_size, tok.pad_token_id, device, rc.share_prompt, limit)
+        result = evaluate(model, held, rc.batch_size, tok.pad_token_id, device, rc.share_prompt, limit, dist)
         state["evals"].append({"epoch": epoch + 1, "step": state["step"], **(result or {})})
         if result is not None:
             metrics.log(state["step"], epoch=epoch + 1, **{f"eval/{k}": v for k, v in result.items()})
@@ -473,7 +499,7 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         if epoch + 1 < rc.epochs:
             checkpoint()
         else:  # training is over: the optimiser is never needed again (and is 2/3 of the bytes)
-            save_checkpoint(ckpt, {"model": model}, {}, state)
+            save_checkpoint(ckpt, {"model": model}, {}, state, dist)
     bar.close()
     seconds = time.time() - started
 
@@ -493,10 +519,11 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         refs, normalised_on = [json.loads(c) for c in unique], f"the chosen replies of {pairs_path}"
     model.bias = 0.0
     try:
-        raw = score(model, tok, refs, 2 * rc.batch_size, rc.max_length, device)
+        raw = score(model, tok, dist.shard(refs), 2 * rc.batch_size, rc.max_length, device)
     except TrainError as e:
         raise TrainError(f"{normalised_on}: {e}") from None
-    model.bias = sum(raw) / len(raw)
+    raw_sum, count = dist.total(sum(raw), len(raw))  # each process scores its share of the references
+    model.bias = raw_sum / count
 
     # 9. Save: model/ last (written aside, then renamed), so a model/ folder means the run finished.
     last = state["evals"][-1] if state["evals"] else {}
@@ -507,13 +534,15 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         "bias": model.bias, "normalised_on": normalised_on, "references": len(refs),
         "seconds": round(seconds, 1), "pairs_per_s": round(trained / seconds, 3) if trained and seconds > 0 else None,
     }
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, normalised_on=normalised_on, references=len(refs), base_model=model_id,
-                          pairs=str(pairs_path), max_length=rc.max_length)
-    tok.save_pretrained(tmp)
-    eval_file.write_text(json.dumps({"epochs": state["evals"], "summary": summary}, indent=2) + "\n")
-    os.replace(tmp, final)
+    if dist.is_main:  # the others wait below, so none returns before the model is whole
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, normalised_on=normalised_on, references=len(refs), base_model=model_id,
+                              pairs=str(pairs_path), max_length=rc.max_length)
+        tok.save_pretrained(tmp)
+        eval_file.write_text(json.dumps({"epochs": state["evals"], "summary": summary}, indent=2) + "\n")
+        os.replace(tmp, final)
+    dist.barrier()
     acc = f"held-out accuracy {last['accuracy']:.3f}, " if last.get("accuracy") is not None else ""
     echo(f"rm: {state['step']} steps, {acc}bias {model.bias:.4f} -> {final}")
     return summary

@@ -28,7 +28,8 @@ class LoraSettings(Strict):
 
 
 class Common(Strict):
-    device: str = Field("auto", description="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    device: str = Field("auto", description="auto (CUDA when there is one), cpu, cuda or cuda:N "
+                        "(several processes: auto and cuda are each one's own GPU)")
     seed: int = Field(0, description="seed for shuffling, splits, initialisation and sampling")
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -45,7 +46,7 @@ class SFTConfig(Common):
     model: str = Field("embedded", description="embedded, or a causal LM folder / hub id")
     output: str = Field("sft", description="folder under the run folder: checkpoint/, model/, metrics.jsonl")
     epochs: int = Field(1, ge=1, description="passes over the data; a checkpoint is written after each")
-    batch_size: int = Field(8, ge=1, description="conversations per optimiser step")
+    batch_size: int = Field(8, ge=1, description="conversations per optimiser step (over all processes, when several)")
     max_length: int = Field(512, ge=8, description="tokens per conversation; longer ones are cut at the end")
     held_out: float = Field(0.1, ge=0, lt=1, description="share of the data kept for the eval loss each epoch")
     lr: float = Field(2e-5, gt=0, description="peak learning rate (AdamW)")
@@ -60,7 +61,7 @@ class RewardConfig(Common):
     model: str = Field("embedded", description="backbone: embedded, or a causal LM folder / hub id")
     output: str = Field("rm", description="folder under the run folder: checkpoint/, model/, metrics.jsonl, eval.json")
     epochs: int = Field(1, ge=1, description="passes over the training pairs")
-    batch_size: int = Field(8, ge=1, description="pairs per optimiser step")
+    batch_size: int = Field(8, ge=1, description="pairs per optimiser step (over all processes, when several)")
     max_length: int = Field(512, ge=8, description="tokens per prompt + response; longer ones keep their end")
     held_out: float = Field(0.1, ge=0, lt=1, description="share of the prompts kept out for accuracy and margin")
     soft_labels: bool = Field(True, description="cross-entropy against p_chosen; false: every pair counts as p = 1")
@@ -78,8 +79,10 @@ class PPOConfig(Common):
     prompts: Path | None = Field(None, description="JSONL of {'prompt': ...} (none: the run's tasks)")
     output: str = Field("policy", description="folder under the run folder: checkpoint/, model/, metrics.jsonl, samples.jsonl")
     steps: int = Field(50, ge=1, description="PPO steps; each samples batch_size responses")
-    batch_size: int = Field(8, ge=1, description="prompts (rollouts) per step")
-    mini_batch_size: int = Field(4, ge=1, description="rollouts per gradient step within a PPO epoch")
+    batch_size: int = Field(8, ge=1, description="prompts (rollouts) per step, over all processes when several "
+                            "(then a multiple of their number)")
+    mini_batch_size: int = Field(4, ge=1, description="rollouts per gradient step within a PPO epoch, over all "
+                                 "processes when several (then a multiple of their number)")
     ppo_epochs: int = Field(4, ge=1, description="passes over each step's rollouts")
     response_length: int = Field(48, ge=1, description="tokens sampled per response")
     max_prompt_length: int = Field(256, ge=8, description="prompt tokens kept (the end, where the question is)")

@@ -9,6 +9,11 @@ end-of-turn token included, carry loss (as InstructGPT's SFT and TRL's assistant
 the loss is the mean over all of a batch's assistant tokens, so a long reply weighs by its length.
 A share of the conversations is held out for an eval loss after every epoch.
 
+Several processes (``accelerate launch --multi_gpu --num_processes N``, or torchrun): ``batch_size``
+stays the batch of one optimiser step; each process takes its share of it, and a share's loss is
+its summed token losses over the whole batch's assistant-token count, so the summed gradients are
+those of the batch's token mean, as one process computes it (``common.Dist``).
+
 Output under ``<run>/<sft.output>/``: ``checkpoint/`` (after every epoch; the run resumes from it
 exactly), ``metrics.jsonl`` and ``model/``: a causal LM folder with its tokenizer, LoRA merged in,
 which the hf backend loads as ``hf:<run>/sft/model``.
@@ -33,6 +38,8 @@ from factory.config import RunConfig
 from factory.records import file_sha256, work_key
 from factory.train import TrainError
 from factory.train.common import (
+    SOLO,
+    Dist,
     Metrics,
     add_lora,
     chat_ids,
@@ -42,7 +49,7 @@ from factory.train.common import (
     load_tokenizer,
     make_optimizer,
     pad_right,
-    pick_device,
+    processes,
     read_messages,
     resolve_model,
     save_checkpoint,
@@ -105,8 +112,18 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
 # -- loss -----------------------------------------------------------------------------------------
 
 
-def batch_loss(model, batch: list[Example], pad_id: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """(mean cross entropy over the batch's assistant tokens, assistant tokens, real tokens)."""
+def assistant_tokens(batch: list[Example]) -> int:
+    """Tokens that carry loss: assistant tokens after position 0 (token 0 predicts nothing)."""
+    return sum(sum(mask[1:]) for _, mask in batch)
+
+
+def batch_loss(model, batch: list[Example], pad_id: int, device: torch.device,
+               tokens: int | None = None) -> tuple[torch.Tensor, int, int]:
+    """(mean cross entropy over the batch's assistant tokens, assistant tokens, real tokens).
+
+    ``tokens``: the mean's denominator when ``batch`` is one process's share of a larger batch
+    (that batch's assistant tokens), so the shares' losses add up to the whole batch's mean.
+    """
     rows = [ids for ids, _ in batch]
     ids = pad_right(rows, pad_id).to(device)
     attention = length_mask(rows).to(device)
@@ -116,20 +133,22 @@ def batch_loss(model, batch: list[Example], pad_id: int, device: torch.device) -
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
     w = weight[:, 1:].flatten().float()
     n = int(w.sum().item())
-    return (nll * w).sum() / n, n, int(attention.sum().item())
+    return (nll * w).sum() / (tokens or n), n, int(attention.sum().item())
 
 
 @torch.no_grad()
-def eval_loss(model, data: list[Example], batch_size: int, pad_id: int, device: torch.device) -> float | None:
-    """Token-weighted mean loss over ``data`` (None when there is none)."""
+def eval_loss(model, data: list[Example], batch_size: int, pad_id: int, device: torch.device,
+              dist: Dist = SOLO) -> float | None:
+    """Token-weighted mean loss over ``data`` (None when there is none); each process scores its share."""
     if not data:
         return None
     model.eval()
     total, tokens = 0.0, 0
-    ordered = sorted(data, key=lambda ex: len(ex[0]))
+    ordered = dist.shard(sorted(data, key=lambda ex: len(ex[0])))
     for start in range(0, len(ordered), batch_size):
         loss, n, _ = batch_loss(model, ordered[start : start + batch_size], pad_id, device)
         total, tokens = total + loss.item() * n, tokens + n
+    total, tokens = dist.total(total, tokens)
     model.train()
     return total / tokens
 
@@ -139,6 +158,8 @@ def eval_loss(model, data: list[Example], batch_size: int, pad_id: int, device: 
 
 def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     sc: SFTConfig = cfg.sft
+    dist, device = processes(sc.device)
+    echo = dist.main_only(echo)
     out = cfg.run_dir / sc.output
     final, ckpt = out / "model", out / "checkpoint"
     summary_file = out / "summary.json"
@@ -153,7 +174,6 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
                          "(a JSONL of {'messages': [...]})")
     conversations = read_messages(Path(data_path))
     path, model_id = resolve_model(sc.model)
-    device = pick_device(sc.device)
     tok = load_tokenizer(path)
 
     # 1. Tokenise: assistant tokens carry loss; cut at max_length; drop what has nothing left to learn.
@@ -185,7 +205,8 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 3. Resume: the checkpoint must come from this data and these settings, or the run would mix two.
     fingerprint = work_key({"data": file_sha256(Path(data_path)), "model": model_id},
                            sc.model_dump(mode="json", exclude={"device", "data", "output"}))
-    state = load_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched})
+    state = load_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, dist)
+    dist.broadcast({"model": model})
     if state is not None and state["fingerprint"] != fingerprint:
         raise TrainError(f"{ckpt}: this checkpoint was made from other data or settings; "
                          f"remove {out} to start again, or restore what it was made with")
@@ -195,43 +216,52 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     else:
         echo(f"sft: resuming from {ckpt} at step {state['step']} (epoch {state['epoch'] + 1}, "
              f"batch {state['position']} of {per_epoch})")
-    metrics = Metrics(out / "metrics.jsonl", state["step"])
+    metrics = Metrics(out / "metrics.jsonl", state["step"], write=dist.is_main)
     every = sc.checkpoint_every
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, state)
+        save_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, state, dist)
 
     started, seen_tokens, train_s = time.time(), 0, 0.0
-    bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step")
+    bar = tqdm(total=total_steps, initial=state["step"], desc="sft", unit="step", disable=not dist.is_main)
     for epoch in range(state["epoch"], sc.epochs):
         batches = epoch_batches(lengths, sc.batch_size, sc.seed, epoch)
         for position in range(state["position"], len(batches)):
-            # 4. Forward: cross entropy on the assistant tokens, mean over the batch's.
+            # 4. Forward: cross entropy on the assistant tokens, mean over the batch's. With several
+            # processes, this one's share of the batch, its loss divided by the whole batch's tokens.
             tick = time.time()
-            loss, n, real = batch_loss(model, [train[i] for i in batches[position]], tok.pad_token_id, device)
-            if not torch.isfinite(loss):
-                raise TrainError(f"sft: the loss is {loss.item()} at step {state['step'] + 1}; "
-                                 "lower sft.lr or check the data")
-            # 5. Backward, clip, step.
+            mine = dist.shard([train[i] for i in batches[position]])
+            n = int(dist.total(assistant_tokens(mine))[0])  # the whole batch's
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            share, real = torch.zeros((), device=device), 0  # an empty share: a last batch smaller than N
+            if mine:
+                share, _, real = batch_loss(model, mine, tok.pad_token_id, device, tokens=n)
+            loss, real = dist.total(share.item(), real)
+            real = int(real)
+            if not math.isfinite(loss):
+                raise TrainError(f"sft: the loss is {loss} at step {state['step'] + 1}; "
+                                 "lower sft.lr or check the data")
+            # 5. Backward, sum the processes' gradients, clip, step.
+            if mine:
+                share.backward()
+            dist.sum_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, sc.max_grad_norm)
             lr = sched.get_last_lr()[0]
             opt.step()
             sched.step()
             train_s += time.time() - tick
             # 6. Log; checkpoint every so often within an epoch.
-            state.update(step=state["step"] + 1, position=position + 1, loss_sum=state["loss_sum"] + loss.item() * n,
+            state.update(step=state["step"] + 1, position=position + 1, loss_sum=state["loss_sum"] + loss * n,
                          loss_tokens=state["loss_tokens"] + n)
             seen_tokens += real
-            metrics.log(state["step"], epoch=epoch + 1, **{"train/loss": loss.item(), "lr": lr, "tokens": real,
+            metrics.log(state["step"], epoch=epoch + 1, **{"train/loss": loss, "lr": lr, "tokens": real,
                                                            "assistant_tokens": n, "grad_norm": grad_norm.item()})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}")
             if every and state["step"] % every == 0 and position + 1 < len(batches):
                 checkpoint()
         # 7. Epoch end: the held-out loss, then a checkpoint the next epoch starts from.
-        state["eval_loss"] = eval_loss(model, held, sc.batch_size, tok.pad_token_id, device)
+        state["eval_loss"] = eval_loss(model, held, sc.batch_size, tok.pad_token_id, device, dist)
         state["train_loss"] = state["loss_sum"] / max(1, state["loss_tokens"])
         held_out = {} if state["eval_loss"] is None else {"eval/loss": state["eval_loss"]}
         metrics.log(state["step"], epoch=epoch + 1, **held_out, **{"train/epoch_loss": state["train_loss"]})
@@ -247,13 +277,15 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         "epochs": sc.epochs, "steps": state["step"], "train_loss": state["train_loss"], "eval_loss": state["eval_loss"],
         "seconds": round(seconds, 1), "tokens_per_s": round(seen_tokens / train_s, 1) if train_s > 0 else None,
     }
-    merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, final)  # last: a model/ folder means the run finished
+    if dist.is_main:  # the others wait below, so none returns before the model is whole
+        merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, final)  # last: a model/ folder means the run finished
+    dist.barrier()
     echo(f"sft: {state['step']} steps, train loss {summary['train_loss']:.4f}"
          + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "") + f" -> {final}")
     return summary
