@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/judge.py
 	$(BIN)/python bench/steer.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/pipeline.py
 
 clean-venv:
 	rm -rf $(VENV)
