@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from factory.config import BootstrapConfig, RunConfig
 from factory.dedup import RougeIndex
+from factory.failures import FILE, Failures
 from factory.llm.base import Backend, Messages
 from factory.records import BootstrapRequest, Candidate, Instruction, Similar, file_sha256, work_key
 from factory.seeds import load_seeds
@@ -177,15 +178,22 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     # 2. Ask for more until the target is reached.
     max_requests = bc.max_requests or 20 * bc.target
     blacklist = blacklist_pattern(bc.blacklist)
+    failures = Failures(run_dir, "bootstrap")
     with tqdm(total=bc.target, initial=min(before, bc.target), desc="bootstrap", unit="instr") as bar:
         while len(machine) < bc.target and n < max_requests:
             batch = range(n, min(n + bc.requests_per_batch, max_requests))
             shown = [sample_shown(random.Random(f"{bc.seed}:{i}"), human, machine, bc) for i in batch]
             prompts = [render_prompt(s) for s in shown]
             params = bc.params.model_copy(update={"n": 1, "seed": bc.seed + n})
-            replies = backend.generate(prompts, params)
+            replies = failures.call(backend.generate, prompts, [request_key(i) for i in batch], params)
             new_requests, new_instructions = [], []
-            for i, s, messages, (reply,) in zip(batch, shown, prompts, replies):
+            for i, s, messages, completions in zip(batch, shown, prompts, replies):
+                if completions is None:  # kept, so the replay stays in step; the loop asks again instead
+                    new_requests.append(BootstrapRequest(
+                        key=request_key(i), index=i, messages=messages, shown=s, reply="", finish_reason="stop",
+                        candidates=[], model=backend.model_id, failed=failures.reasons[request_key(i)]))
+                    continue
+                reply = completions[0]
                 items = parse_reply(reply.text, len(s) + 1, reply.finish_reason == "length")
                 candidates = []
                 for text in items:
@@ -209,6 +217,7 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                 new_instructions += [_instruction(c, req, settings) for c in candidates if c.verdict == "accepted"]
             requests.append(new_requests)  # the source of truth first
             instructions.append(new_instructions)
+            failures.flush()
             n = batch.stop
             bar.update(min(len(machine), bc.target) - bar.n)
             bar.set_postfix(accepted=len(machine), rejected=sum(rejected.values()), requests=n)
@@ -218,6 +227,9 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
         note += f"; {unused} candidates left unchecked once the target was reached"
     if len(machine) < bc.target:
         note += f"; STOPPED at max_requests={max_requests} with {len(machine)} of the target {bc.target}"
+    if failures.reasons:
+        # Not failed items: the pool is whatever the other requests made; nothing is left to retry.
+        note += f"; {len(failures.reasons)} requests failed for good (see {FILE}), made up by new ones"
     return StageSummary("bootstrap", len(machine), before, len(machine) - before, instructions.path, rejected, note)
 
 

@@ -21,6 +21,22 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class ItemsFailed(click.ClickException):
+    """The run finished, but the backend failed for good on some items: a rerun retries only them."""
+
+    exit_code = 3
+
+
+def check_failures(summaries: list, run_dir: Path) -> None:
+    from factory.summary import StageSummary
+
+    failed = {s.stage: sum(s.failed.values()) for s in summaries if isinstance(s, StageSummary) and s.failed}
+    if failed:
+        stages = ", ".join(f"{stage} {n}" for stage, n in failed.items())
+        raise ItemsFailed(f"{sum(failed.values())} items failed for good ({stages}) and were left out; each is logged "
+                          f"with its reason in {run_dir}/failures.jsonl. Run the same command again to retry only them.")
+
+
 def user_errors(fn):
     """Turn the errors a user can fix into a clean message and exit code 2."""
     from factory.constitution import ConstitutionError
@@ -55,13 +71,21 @@ backend_opt = click.option(
     help="Model backend, overriding backend.spec: hf:embedded, hf:/path, openai:URL#model, vllm:model.",
 )
 name_opt = click.option("--name", metavar="RUN", help="Run folder name under output_dir (overrides name).")
+pickle_opt = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Load pickle-based weights (pytorch_model.bin) and old pickle checkpoints (sets allow_pickle). "
+    "Unpickling can run code hidden in a file: only for files you trust.",
+)
 
 
-def _load(config: Path | None, overrides: tuple[str, ...], backend: str | None, name: str | None = None) -> RunConfig:
+def _load(config: Path | None, overrides: tuple[str, ...], backend: str | None, name: str | None = None,
+          allow_pickle: bool = False) -> RunConfig:
     extra = list(overrides)
+    if allow_pickle:
+        extra.append("allow_pickle=true")
     if backend:
         extra.append(f"backend.spec={json.dumps(backend)}")
-    if name:
+    if name is not None:  # an empty --name is refused by validation, not ignored
         extra.append(f"name={json.dumps(name)}")
     return load_config(config, extra)
 
@@ -83,26 +107,31 @@ def cli():
 @set_opt
 @backend_opt
 @name_opt
+@pickle_opt
 @click.option("--rounds", type=click.IntRange(min=1), help="RLAIF rounds (overrides rounds): after PPO, the "
               "trained policy answers the next round's prompts; each round in RUN/round-N/.")
 @click.option("--show", default=3, show_default=True, help="Print this many records of the last data stage at the end.")
 @click.option("--report/--no-report", "make_report", default=True, show_default=True,
               help="Write the run's report (RUN/report/index.html, as `factory report`) at the end.")
 @user_errors
-def run(config, overrides, backend, name, rounds, show, make_report):
+def run(config, overrides, backend, name, allow_pickle, rounds, show, make_report):
     """Run the stages CONFIG names (TOML or YAML), in order, in one run folder.
 
     The whole loop is bootstrap -> instances -> critique -> judge -> rm -> ppo; a config
     names the stages it wants in its `stages` list. Rerunning a finished or interrupted
     run does only the missing work.
+
+    Exit code 0: done; 2: a user error (bad input, wrong key or URL), named in the message;
+    3: done, but the model server failed for good on some items (logged in failures.jsonl):
+    run the same command again to retry only those.
     """
     from factory.pipeline import round_config, run_stages
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("factory run is one process: every process would run and write the data stages. Launch "
                         "only the trainers with several processes (accelerate launch ... factory train sft|rm|ppo)")
-    cfg = _load(config, overrides + ((f"rounds={rounds}",) if rounds else ()), backend, name)
-    run_stages(cfg, echo=click.echo)
+    cfg = _load(config, overrides + ((f"rounds={rounds}",) if rounds else ()), backend, name, allow_pickle)
+    summaries = run_stages(cfg, echo=click.echo)
     if show:
         _show_samples(round_config(cfg, cfg.rounds), show)
     click.echo(f"run folder: {cfg.run_dir}")
@@ -110,6 +139,7 @@ def run(config, overrides, backend, name, rounds, show, make_report):
         from factory.report import build_report
 
         click.echo(f"report: {build_report(cfg.run_dir)}")
+    check_failures(summaries, cfg.run_dir)
 
 
 def stage_command(stage: str, doc: str):
@@ -119,12 +149,13 @@ def stage_command(stage: str, doc: str):
     @set_opt
     @backend_opt
     @name_opt
+    @pickle_opt
     @user_errors
-    def command(config, overrides, backend, name):
+    def command(config, overrides, backend, name, allow_pickle):
         from factory.pipeline import run_stages
 
-        cfg = _load(config, overrides, backend, name).model_copy(update={"stages": [stage]})
-        run_stages(cfg, echo=click.echo)
+        cfg = _load(config, overrides, backend, name, allow_pickle).model_copy(update={"stages": [stage]})
+        check_failures(run_stages(cfg, echo=click.echo), cfg.run_dir)
 
     command.__doc__ = doc
     return cli.command(name=stage)(command)
@@ -209,11 +240,12 @@ def train_command(name: str, module: str, fn: str, doc: str):
     @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), help="Run config (TOML or YAML).")
     @set_opt
     @name_opt
+    @pickle_opt
     @user_errors
-    def command(config, overrides, name):
+    def command(config, overrides, name, allow_pickle):
         import importlib
 
-        cfg = _load(config, overrides, None, name)
+        cfg = _load(config, overrides, None, name, allow_pickle)
         summary = getattr(importlib.import_module(module), fn)(cfg, echo=click.echo)
         if os.environ.get("RANK", "0") == "0":  # under accelerate launch / torchrun, the first process speaks
             click.echo(json.dumps(summary, indent=2))
@@ -437,6 +469,15 @@ def pairs_export(file, fmt, output, min_p, drop_flagged, force):
     click.echo(f"wrote {output}: {len(kept)} pairs ({fmt}) from {file}, {len(records) - len(kept)} left out")
 
 
+def _plain_round(value: str | None) -> int | None:
+    """--round as written: digits only, no sign, spaces or underscores that int() would let through."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit() and int(value) >= 1):
+        raise click.BadParameter(f"expected a positive whole number, got {value!r}")
+    return int(value)
+
+
 @cli.command("export")
 @click.argument("run", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--format", "fmt", required=True,
@@ -445,7 +486,8 @@ def pairs_export(file, fmt, output, min_p, drop_flagged, force):
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="File or folder to write (all formats but hub).")
 @click.option("--style", type=click.Choice(["standard", "conversational"]),
               help="trl-pairs and openrlhf-rm: text, or chat messages (the default).")
-@click.option("--round", "round_number", type=click.IntRange(min=1), help="Export this round only (default: all).")
+@click.option("--round", "round_number", callback=lambda _c, _p, v: _plain_round(v), metavar="N",
+              help="Export this round only (default: all).")
 @click.option("--repo", metavar="OWNER/NAME", help="hub: the dataset repository to push to.")
 @click.option("--private", is_flag=True, help="hub: create the repository private.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")

@@ -8,6 +8,7 @@ file, the key path and what was expected.
 from __future__ import annotations
 
 import re
+import reprlib
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from factory.constitution import _duplicate_keys
 from factory.llm.base import GenParams
 from factory.train.settings import PPOConfig, RerankConfig, RewardConfig, SFTConfig
 
@@ -49,6 +51,12 @@ class BackendConfig(Strict):
     timeout_s: float = Field(120.0, gt=0, description="openai: seconds before one request is abandoned")
     max_retries: int = Field(5, ge=0, description="openai: retries on 429, 5xx and connection errors")
     backoff_s: float = Field(0.5, ge=0, description="openai: first retry delay; doubles each retry, with jitter")
+    max_backoff_s: float = Field(30.0, ge=0, description="openai: the longest wait between retries (Retry-After "
+                                 "from the server is obeyed up to 120 s)")
+    stop_after_failures: int = Field(
+        16, ge=1, description="openai: a request that fails after its retries fails its item alone (logged in "
+        "failures.jsonl, retried by the next run); this many such failures in a row stop the stage: the server is down"
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
     workers: int = Field(
@@ -219,6 +227,10 @@ class RunConfig(Strict):
         1, ge=1, description="RLAIF rounds: after PPO, the trained policy answers and revises the next round's "
         "prompts (the judge stays the backend's model); with more than 1, round N lives in round-N/"
     )
+    allow_pickle: bool = Field(
+        False, description="load pickle-based model weights (pytorch_model.bin) and old pickle checkpoints; "
+        "unpickling runs any code a file hides, so only for files you made or trust (default: safetensors only)"
+    )
     generate: GenerateConfig = GenerateConfig()
     bootstrap: BootstrapConfig = BootstrapConfig()
     instances: InstancesConfig = InstancesConfig()
@@ -237,6 +249,14 @@ class RunConfig(Strict):
         return v
 
     @model_validator(mode="after")
+    def _inside_output_dir(self) -> "RunConfig":
+        # A plain name can still leave output_dir through a symlink already there; refuse that too.
+        if not self.run_dir.resolve().is_relative_to(self.output_dir.resolve()):
+            raise ValueError(f"name: the run folder {self.run_dir} resolves to {self.run_dir.resolve()}, outside "
+                             f"output_dir {self.output_dir.resolve()}; pick another name")
+        return self
+
+    @model_validator(mode="after")
     def _stages_once(self) -> "RunConfig":
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages must not repeat, got {self.stages}")
@@ -251,22 +271,32 @@ class RunConfig(Strict):
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read as UTF-8 text: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # a BOM, as some Windows editors write, is not part of the first key
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
+                          "save the file as UTF-8") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
             data = yaml.safe_load(text)  # data only: never constructs Python objects
+            for line, loc, first in _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
+                raise ConfigError(f"{path}:{line}: {_where(loc)}: duplicate key (first at line {first})")
         else:
             raise ConfigError(f"{path}: expected a .toml, .yaml or .yml file")
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except RecursionError:  # both parsers build nested tables and lists recursively
+        raise ConfigError(f"{path}: nested too deeply to read") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -295,6 +325,10 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
+_SHORT = reprlib.Repr()  # a value quoted back in a message: a huge or deeply nested one is cut short
+_SHORT.maxstring = 80
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -313,6 +347,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            got = "" if err["type"] in ("extra_forbidden", "missing", "value_error") else f" (got {err.get('input')!r})"
+            quiet = err["type"] in ("extra_forbidden", "missing", "value_error")
+            got = "" if quiet else f" (got {_SHORT.repr(err.get('input'))})"
             lines.append(f"  {_where(err['loc'])}: {msg}{got}")
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

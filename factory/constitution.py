@@ -17,6 +17,7 @@ import difflib
 import json
 import random
 import re
+import reprlib
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,6 +31,7 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "revision": frozenset({"prompt", "response", "critique"}),
     "judge": frozenset({"prompt"}),
 }
+DECLARED = frozenset().union(*PLACEHOLDERS.values())
 # One match per token: an escaped brace, or a placeholder. A brace in any other position is text.
 _TOKEN = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -48,7 +50,13 @@ def placeholders(template: str) -> set[str]:
 
 
 def render(template: str, **values: str) -> str:
-    """Fill ``{name}`` placeholders in one pass: inserted values are never scanned again."""
+    """Fill ``{name}`` placeholders in one pass: inserted values are never scanned again.
+
+    Only the declared names (``PLACEHOLDERS``) can be filled: a principle's other ``{name}``
+    is never looked up anywhere (environment, attributes, format specs)."""
+    undeclared = values.keys() - DECLARED
+    if undeclared:
+        raise ConstitutionError(f"cannot fill {_braced(undeclared)}: templates may only use {_braced(DECLARED)}")
     missing = placeholders(template) - values.keys()
     if missing:
         raise ConstitutionError(f"template uses {_braced(missing)} but no value was given (given: {_braced(values) or 'none'})")
@@ -65,6 +73,10 @@ def render(template: str, **values: str) -> str:
 def _not_blank(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a "\ud800"-style escape: no prompt or record could hold it
+        raise ValueError("holds a lone surrogate escape (such as \\ud800); expected valid Unicode text") from None
     return v
 
 
@@ -251,6 +263,10 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
             raise ConstitutionError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
         except ConstitutionError as e:
             raise ConstitutionError(f"{path}: {e}") from None
+        except ValueError:  # a number past Python's 4300-digit limit for reading integers
+            raise ConstitutionError(f"{path}: invalid JSON: a number with too many digits") from None
+        except RecursionError:
+            raise ConstitutionError(f"{path}: invalid JSON: nested too deeply") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)  # data only: never constructs Python objects
@@ -261,6 +277,8 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConstitutionError(f"{where}: invalid YAML: {e.problem or e.context}{context}") from None
     except yaml.YAMLError as e:
         raise ConstitutionError(f"{path}: invalid YAML: {e}") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConstitutionError(f"{path}: invalid YAML: nested too deeply") from None
     if root is not None:
         for line, loc, first in _duplicate_keys(root):
             raise ConstitutionError(f"{path}:{line}: {_where(loc, data)}: duplicate key (first at line {first})")
@@ -269,6 +287,10 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
 
 def _kind(v: Any) -> str:
     return {type(None): "nothing", dict: "a mapping", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
+
+
+_SHORT = reprlib.Repr()  # a value quoted back in a message: a huge or deeply nested one is cut short
+_SHORT.maxstring = 80
 
 
 def _message(err: dict) -> str:
@@ -281,7 +303,7 @@ def _message(err: dict) -> str:
     if kind == "missing":
         return "missing required key"
     msg = err["msg"].removeprefix("Value error, ")
-    return msg if kind == "value_error" else f"{msg} (got {err.get('input')!r})"
+    return msg if kind == "value_error" else f"{msg} (got {_SHORT.repr(err.get('input'))})"
 
 
 def _validate(data: dict, source: Path, root: yaml.Node | None = None) -> Constitution:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from factory.config import RunConfig
 from factory.constitution import Constitution, Principle, load_constitution, render
+from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import ChatExample, PreferencePair, Revision, Round, Task, file_sha256, work_key
 from factory.store import Store, StoreError, input_objects
@@ -124,61 +126,93 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
     todo = [it for it in items if it[0] not in store]
     params = cc.params.model_copy(update={"n": 1})
     written = 0
+    failures = Failures(run_dir, "critique")
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="critique", unit="prompt") as bar:
         for start in range(0, len(todo), cfg.backend.batch_size):
-            batch = todo[start : start + cfg.backend.batch_size]
+            batch = [_Work(*it) for it in todo[start : start + cfg.backend.batch_size]]
+            bar_step = len(batch)
             seed = cc.seed + start
+
+            def ask(fn, requests, work, *args):
+                # An item whose request failed for good leaves the batch here; the next run redoes it.
+                if not work:
+                    return []
+                results = failures.call(fn, requests, [w.key for w in work], *args)
+                return [(w, res) for w, res in zip(work, results) if res is not None]
+
             # 1. The model's own first answer.
-            first = backend.generate([[{"role": "user", "content": text}] for _, _, text in batch],
-                                     params.model_copy(update={"seed": seed}))
-            latest = [c[0].text for c in first]
-            rounds: list[list[Round]] = [[] for _ in batch]
+            firsts = ask(backend.generate, [[{"role": "user", "content": w.text}] for w in batch], batch,
+                         params.model_copy(update={"seed": seed}))
+            batch = [w for w, _ in firsts]
+            for w, c in firsts:
+                w.initial = w.latest = c[0].text
             for r in range(cc.rounds):
                 # 2. A principle per prompt, drawn independently each round.
-                drawn = [constitution.sample(random.Random(f"{cc.seed}:{key}:{r}"))[0] for key, _, _ in batch]
-                asks = [critique_messages(few_shot_turns(constitution, cc.few_shot, p), text, resp, p)
-                        for (_, _, text), resp, p in zip(batch, latest, drawn)]
+                drawn = {w.key: constitution.sample(random.Random(f"{cc.seed}:{w.key}:{r}"))[0] for w in batch}
+                asks = {w.key: critique_messages(few_shot_turns(constitution, cc.few_shot, drawn[w.key]), w.text,
+                                                 w.latest, drawn[w.key]) for w in batch}
                 # 3. Critique the latest response under it.
-                critiques = [c[0].text for c in backend.generate(asks, params.model_copy(update={"seed": seed + 1 + 2 * r}))]
+                got = ask(backend.generate, [asks[w.key] for w in batch], batch,
+                          params.model_copy(update={"seed": seed + 1 + 2 * r}))
+                batch = [w for w, _ in got]
+                critiques = {w.key: c[0].text for w, c in got}
                 # 4. Optionally ask whether the critique wants a change at all: a soft Yes/No, not parsed text.
-                p_change: list[float | None] = [None] * len(batch)
+                p_change: dict[str, float | None] = dict.fromkeys(critiques)
                 if cc.skip_unchanged:
-                    scores = backend.option_logprobs([change_messages(a, c) for a, c in zip(asks, critiques)], ["Yes", "No"])
-                    p_change = [math.exp(s["Yes"]) for s in scores]
-                revise = [i for i, p in enumerate(p_change) if p is None or p >= cc.skip_threshold]
+                    scored = ask(backend.option_logprobs,
+                                 [change_messages(asks[w.key], critiques[w.key]) for w in batch], batch, ["Yes", "No"])
+                    batch = [w for w, _ in scored]
+                    p_change = {w.key: math.exp(sc["Yes"]) for w, sc in scored}
+                revise = [w for w in batch if p_change[w.key] is None or p_change[w.key] >= cc.skip_threshold]
                 # 5. Revise, given the critique.
-                revision_asks = [revision_messages(asks[i], critiques[i], batch[i][2], latest[i], drawn[i]) for i in revise]
-                revised = (backend.generate(revision_asks, params.model_copy(update={"seed": seed + 2 + 2 * r}))
-                           if revision_asks else [])
-                new_text = {i: c[0].text for i, c in zip(revise, revised)}
-                asked = {i: a[-1]["content"] for i, a in zip(revise, revision_asks)}
-                for i in range(len(batch)):
-                    rounds[i].append(Round(
-                        principle_id=drawn[i].id,
-                        critique_request=asks[i][-1]["content"],
-                        critique=critiques[i],
-                        p_change=p_change[i],
-                        revision_request=asked.get(i),
-                        revision=new_text.get(i, latest[i]),
-                        skipped=i not in new_text,
+                revision_asks = {w.key: revision_messages(asks[w.key], critiques[w.key], w.text, w.latest,
+                                                          drawn[w.key]) for w in revise}
+                revised = ask(backend.generate, [revision_asks[w.key] for w in revise], revise,
+                              params.model_copy(update={"seed": seed + 2 + 2 * r})) if revise else []
+                new_text = {w.key: c[0].text for w, c in revised}
+                batch = [w for w in batch if w.key not in failures]
+                for w in batch:
+                    w.rounds.append(Round(
+                        principle_id=drawn[w.key].id,
+                        critique_request=asks[w.key][-1]["content"],
+                        critique=critiques[w.key],
+                        p_change=p_change[w.key],
+                        revision_request=revision_asks[w.key][-1]["content"] if w.key in new_text else None,
+                        revision=new_text.get(w.key, w.latest),
+                        skipped=w.key not in new_text,
                     ))
-                    latest[i] = new_text.get(i, latest[i])
+                    w.latest = new_text.get(w.key, w.latest)
             records = [
-                Revision(key=key, prompt_id=pid, prompt=text, constitution=constitution.name, constitution_sha256=digest,
-                         initial=c[0].text, rounds=rs, final=final, model=backend.model_id)
-                for (key, pid, text), c, rs, final in zip(batch, first, rounds, latest)
+                Revision(key=w.key, prompt_id=w.pid, prompt=w.text, constitution=constitution.name,
+                         constitution_sha256=digest, initial=w.initial, rounds=w.rounds, final=w.latest,
+                         model=backend.model_id)
+                for w in batch
             ]
             written += store.append(records)  # the source of truth first
             _derive(records, sft, pairs, constitution.name)
+            failures.flush()
             done += records
-            bar.update(len(batch))
+            bar.update(bar_step)
     used = Counter(rd.principle_id for r in done for rd in r.rounds)
     skipped = sum(rd.skipped for r in done for rd in r.rounds)
     note = f"{cc.rounds} round(s) under '{constitution.name}'; principles used: " + ", ".join(
         f"{pid} {n}" for pid, n in used.most_common())
     if cc.skip_unchanged:
         note += f"; {skipped} revisions skipped as unchanged"
-    return StageSummary("critique", len(items), len(items) - len(todo), written, store.path, Counter(), note)
+    return StageSummary("critique", len(items), len(items) - len(todo), written, store.path, Counter(), note,
+                        failures.counts())
+
+
+@dataclass
+class _Work:
+    """One prompt on its way through a batch."""
+
+    key: str
+    pid: str
+    text: str
+    initial: str = ""
+    latest: str = ""
+    rounds: list[Round] = field(default_factory=list)
 
 
 def _derive(records: list[Revision], sft: Store, pairs: Store | None, constitution: str) -> None:

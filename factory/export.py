@@ -268,8 +268,27 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def output_root(run_dir: Path) -> Path:
+    """The folder that holds the run (its config's ``output_dir``), symlinks followed: exports stay in it."""
+    return Path(os.path.abspath(run_dir)).parent.resolve()
+
+
+def check_destination(output: Path, run_dir: Path) -> None:
+    """Refuse an output path that leaves the output folder holding the run: ``..``, an absolute
+    path elsewhere, or a symlink inside it that points outside (``resolve`` follows every link)."""
+    if "\x00" in str(output):
+        raise ExportError(f"{str(output)!r}: a path with a NUL byte; choose another output")
+    root = output_root(run_dir)
+    out = output.resolve()
+    if not out.is_relative_to(root):
+        raise ExportError(f"{output} resolves to {out}, outside the output folder {root} that holds the run; "
+                          f"exports are written inside it (e.g. -o {root / 'exports' / output.name})")
+
+
 def check_output(output: Path, run: Run, force: bool) -> None:
-    """Refuse an output that exists (without --force) or that would replace part of the run."""
+    """Refuse an output outside the output folder, one that exists (without --force), or one that
+    would replace part of the run."""
+    check_destination(output, run.path)
     out = output.resolve()
     for _, folder in run_rounds(run.path) + [(0, run.path)]:  # every round, not only those exported
         folder = folder.resolve()
@@ -338,6 +357,8 @@ def export_run(run_dir: Path, fmt: str, output: Path | None = None, *, style: st
                round_number: int | None = None, force: bool = False, repo: str | None = None,
                private: bool = False, echo: Callable[[str], None] = print) -> None:
     """Export the run at ``run_dir`` as ``fmt``; ``echo`` gets one summary line per file written."""
+    if round_number is not None and (type(round_number) is not int or round_number < 1):
+        raise ExportError(f"--round: expected a positive whole number, got {round_number!r}")
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
     if style is not None and fmt not in STYLED:

@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from factory.config import RunConfig
+from factory.failures import Failures
 from factory.llm.base import Backend
 from factory.records import Generation, work_key
 from factory.seeds import load_seeds, task_prompt
@@ -38,12 +39,13 @@ def run_generate(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
     done = store.done_keys()
     todo = [it for it in items if it[0] not in done]
     params_one = gen.params.model_copy(update={"n": 1})
+    failures = Failures(run_dir, "generate")
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="generate", unit="item") as bar:
         for start in range(0, len(todo), cfg.backend.batch_size):
             batch = todo[start : start + cfg.backend.batch_size]
             # Each sample is its own request (n=1): a half-done task asks only for what is missing.
-            completions = backend.generate([m for _, _, m in batch], params_one)
+            completions = failures.call(backend.generate, [m for _, _, m in batch], [k for k, _, _ in batch], params_one)
             records = [
                 Generation(
                     key=key,
@@ -55,7 +57,10 @@ def run_generate(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
                     params=settings["params"],
                 )
                 for (key, task, messages), c in zip(batch, completions)
+                if c is not None
             ]
             written += store.append(records)
+            failures.flush()
             bar.update(len(batch))
-    return StageSummary("generate", len(items), len(items) - len(todo), written, store.path)
+    return StageSummary("generate", len(items), len(items) - len(todo), written, store.path,
+                        failed=failures.counts())

@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from factory.config import RunConfig
+from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import Instance, Instruction, SeedTask, Task, file_sha256, work_key
 from factory.seeds import load_seeds
@@ -227,12 +228,17 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
             ps = p_classification(backend, pos + neg)
             threshold = best_cut(ps[: len(pos)], ps[len(pos) :])
     params = ic.params.model_copy(update={"n": 1})
+    failures = Failures(run_dir, "instances")
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="instances", unit="task") as bar:
         for start in range(0, len(todo), cfg.backend.batch_size):
             batch = todo[start : start + cfg.backend.batch_size]
-            # 1. Classification or not: a soft label from the Yes/No log-probabilities.
-            p_yes = p_classification(backend, [r.instruction for _, r in batch])
+            # 1. Classification or not: a soft label from the Yes/No log-probabilities. An item whose
+            #    request failed for good drops out here (and at step 2); the next run does it again.
+            asks = [classify_prompt(r.instruction) for _, r in batch]
+            scores = failures.call(backend.option_logprobs, asks, [k for k, _ in batch], ["Yes", "No"])
+            kept = [(it, math.exp(s["Yes"])) for it, s in zip(batch, scores) if s is not None]
+            batch, p_yes = [it for it, _ in kept], [p for _, p in kept]
             kinds = [p >= threshold for p in p_yes]
             # 2. Instances, output-first for classification tasks, input-first otherwise.
             prompts = []
@@ -240,9 +246,13 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                 rng = random.Random(f"{ic.seed}:{r.instruction}")
                 examples = rng.sample(by_kind[kind], min(ic.few_shot, len(by_kind[kind])))
                 prompts.append(instance_prompt(r.instruction, kind, examples))
-            replies = backend.generate(prompts, params.model_copy(update={"seed": ic.seed + start}))
+            replies = failures.call(backend.generate, prompts, [k for k, _ in batch],
+                                    params.model_copy(update={"seed": ic.seed + start})) if prompts else []
             records = []
-            for (key, r), p, kind, (reply,) in zip(batch, p_yes, kinds, replies):
+            for (key, r), p, kind, completions in zip(batch, p_yes, kinds, replies):
+                if completions is None:
+                    continue
+                reply = completions[0]
                 parsed, rejected = parse_instances(reply.text, kind, reply.finish_reason == "length")
                 kept, more, dropped = filter_instances(parsed, ic.max_instances)
                 records.append(
@@ -263,7 +273,8 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                     )
                 )
             written += store.append(records)
-            bar.update(len(batch))
+            failures.flush()
+            bar.update(min(cfg.backend.batch_size, len(todo) - start))
     tasks = store.records()
     keys = {k for k, _ in items}
     mine = [t for t in tasks if t.key in keys]
@@ -279,4 +290,5 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     if cuts:
         how = ", calibrated on the seeds" if ic.classification_threshold == "auto" else ""
         note += f" (p(Yes) >= {', '.join(map(str, cuts))}{how})"
-    return StageSummary("instances", len(items), len(items) - len(todo), written, store.path, rejected, note)
+    return StageSummary("instances", len(items), len(items) - len(todo), written, store.path, rejected, note,
+                        failures.counts())

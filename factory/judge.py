@@ -32,7 +32,8 @@ from tqdm import tqdm
 from factory.config import RunConfig
 from factory.constitution import Constitution, Principle, load_constitution, render
 from factory.critique import load_prompts
-from factory.llm.base import Backend, GenParams, Messages
+from factory.failures import Failures
+from factory.llm.base import Backend, BatchIncomplete, GenParams, Messages
 from factory.preferences import FORMATS, prompt_text, write_jsonl
 from factory.records import Comparison, Judgment, Preference, Revision, file_sha256, work_key
 from factory.store import Store, StoreError, input_objects
@@ -110,9 +111,28 @@ def draw_principles(constitution: Constitution, rng: random.Random, count: int |
 
 
 def judge_groups(backend: Backend, groups: Sequence[Group], mode: Literal["pairwise", "choice"] = "pairwise",
-                 cot: bool = False, band: tuple[float, float] = (0.4, 0.6),
-                 cot_max_tokens: int = 128) -> list[list[Comparison]]:
-    """Every comparison of every group, made in every presentation order, in as few batched calls as possible."""
+                 cot: bool = False, band: tuple[float, float] = (0.4, 0.6), cot_max_tokens: int = 128,
+                 failed: dict[int, str] | None = None) -> list[list[Comparison]]:
+    """Every comparison of every group, made in every presentation order, in as few batched calls as possible.
+
+    With ``failed`` given, a group one of whose requests failed for good is left out (its list stays
+    empty) and ``failed[group index]`` says why; without it such a failure is raised.
+    """
+
+    def call(fn, idx: list[int], requests: list[Messages], *args) -> list:
+        # idx: which asks the requests are; a failed one fails its group, whose other asks are skipped.
+        live = [(n, r) for n, r in zip(idx, requests) if shown[n][0] not in lost]
+        try:
+            results = fn([r for _, r in live], *args) if live else []
+        except BatchIncomplete as e:
+            if failed is None:
+                raise
+            results = e.results
+            for i, reason in e.reasons.items():
+                lost.setdefault(shown[live[i][0]][0], reason)
+        got = dict(zip((n for n, _ in live), results))
+        return [got.get(n) if shown[n][0] not in lost else None for n in idx]
+
     asks: list[Messages] = []
     shown: list[tuple[int, Principle, tuple[int, ...]]] = []  # (group, principle, order) of each request
     for g, group in enumerate(groups):
@@ -122,20 +142,25 @@ def judge_groups(backend: Backend, groups: Sequence[Group], mode: Literal["pairw
             for order in presentations(len(group.responses), mode):
                 asks.append(judge_messages(conversation, question, [group.responses[i] for i in order], cot))
                 shown.append((g, principle, order))
+    lost: dict[int, str] = {}
     reasoning = [""] * len(asks)
     if cot and asks:
         greedy = GenParams(temperature=0.0, max_tokens=cot_max_tokens)
-        reasoning = [c[0].text for c in backend.generate(asks, greedy)]
+        reasoning = [c[0].text if c else "" for c in call(backend.generate, list(range(len(asks))), asks, greedy)]
         asks = [answer_messages(a, r) for a, r in zip(asks, reasoning)]
     # Requests are grouped by option count: one call per pool of letters.
     scores: list[dict[str, float]] = [{} for _ in asks]
     for width in sorted({len(order) for _, _, order in shown}):
         idx = [n for n, (_, _, order) in enumerate(shown) if len(order) == width]
-        for n, s in zip(idx, backend.option_logprobs([asks[n] for n in idx], list(LETTERS[:width]))):
+        for n, s in zip(idx, call(backend.option_logprobs, idx, [asks[n] for n in idx], list(LETTERS[:width]))):
             scores[n] = s
+    if failed is not None:
+        failed.update(lost)
     # P(response i is better than j) in each order that shows both: p_i / (p_i + p_j) there.
     seen: dict[tuple[int, str, int, int], tuple[list[float], list[str]]] = {}
     for n, (g, principle, order) in enumerate(shown):
+        if g in lost:
+            continue
         prob = {resp: math.exp(scores[n][LETTERS[pos]]) for pos, resp in enumerate(order)}
         for i, j in itertools.combinations(sorted(order), 2):
             p_orders, why = seen.setdefault((g, principle.id, i, j), ([], []))
@@ -265,15 +290,21 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backen
     # A batch holds about batch_size judge requests: n responses make n(n-1) ordered pairs each.
     k = jc.n if jc.candidates == "samples" else 2
     per_batch = max(1, cfg.backend.batch_size // (k * (k - 1)))
+    failures = Failures(run_dir, "judge")
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="judge", unit="prompt") as bar:
         for start in range(0, len(todo), per_batch):
             batch = todo[start : start + per_batch]
+            bar_step = len(batch)
             if jc.candidates == "samples":
-                # 1. Sample the candidates (n per prompt).
+                # 1. Sample the candidates (n per prompt). An item whose request failed for good
+                #    leaves the batch, here or at step 3; the next run does it again.
                 params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
-                for it, completions in zip(batch, generator.generate([it.messages for it in batch], params)):
-                    it.responses = [c.text for c in completions]
+                sampled = failures.call(generator.generate, [it.messages for it in batch], [it.key for it in batch],
+                                        params)
+                for it, completions in zip(batch, sampled):
+                    it.responses = None if completions is None else [c.text for c in completions]
+                batch = [it for it in batch if it.responses is not None]
             # 2. Principles for each prompt, drawn by weight; identical responses are dropped.
             groups = [Group(it.messages, _distinct(it.responses),
                             draw_principles(constitution, random.Random(f"{jc.seed}:{it.key}"), jc.principles))
@@ -281,23 +312,31 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backen
             judged = [g for g in groups if len(g.responses) >= 2]
             # 3. Judge every comparison in every order (one batched scoring call).
             mode = "choice" if jc.kway == "choice" else "pairwise"
-            results = iter(judge_groups(backend, judged, mode, jc.cot, jc.cot_band, jc.cot_max_tokens))
+            lost: dict[int, str] = {}
+            results = iter(judge_groups(backend, judged, mode, jc.cot, jc.cot_band, jc.cot_max_tokens, lost))
+            judged_items = [it for it, g in zip(batch, groups) if len(g.responses) >= 2]
+            for n, reason in lost.items():
+                failures.fail(judged_items[n].key, reason)
             records = []
             for it, g in zip(batch, groups):
                 ok = len(g.responses) >= 2
+                comparisons = next(results) if ok else []
+                if it.key in failures:
+                    continue
                 records.append(Judgment(
                     key=it.key, prompt=prompt_text(it.messages), messages=it.messages, responses=g.responses,
                     candidates=jc.candidates, source=it.source, principles=[p.id for p in g.principles],
                     mode="choice" if ok and len(g.responses) > 2 and jc.kway == "choice" else "pairwise",
-                    comparisons=next(results) if ok else [], dropped=None if ok else "identical_responses",
+                    comparisons=comparisons, dropped=None if ok else "identical_responses",
                     judge_model=backend.model_id,
                 ))
             written += store.append(records)  # the source of truth first
             new = [p for j in records for p in preferences(j, jc.min_confidence)]
             pairs.append(new)
+            failures.flush()
             made += new
             done += records
-            bar.update(len(batch))
+            bar.update(bar_step)
     for name, path in EXPORTS.items():
         write_jsonl(run_dir / path, FORMATS[name](made))
     flips = sum(not p.consistent for p in made)
@@ -306,4 +345,5 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backen
     if made:
         note += f"; mean p_chosen {sum(p.p_chosen for p in made) / len(made):.3f}"
     rejected = Counter(j.dropped for j in done if j.dropped)
-    return StageSummary("judge", len(items), len(items) - len(todo), written, store.path, rejected, note)
+    return StageSummary("judge", len(items), len(items) - len(todo), written, store.path, rejected, note,
+                        failures.counts())

@@ -171,7 +171,8 @@ class Backends:
         if self.given is not None and spec == self.cfg.backend.spec:
             return self.given
         if spec not in self.live:
-            self.live[spec] = load_backend(self.cfg.backend.model_copy(update={"spec": spec}))
+            self.live[spec] = load_backend(self.cfg.backend.model_copy(update={"spec": spec}),
+                                          allow_pickle=self.cfg.allow_pickle)
         return self.live[spec]
 
     def release(self) -> None:

@@ -143,6 +143,8 @@ class BootstrapRequest(Record):
     finish_reason: Literal["stop", "length"]
     candidates: list[Candidate]
     model: str
+    failed: str | None = None
+    """why the backend gave no reply (its retries spent), if so; the loop asks again in a new request"""
 
 
 class Instruction(Record):
@@ -296,3 +298,19 @@ class Preference(Record):
     """p_chosen below the judge's ``min_confidence``: kept, but flagged"""
     source: str
     """key of the ``Judgment`` (or the file and line) it came from"""
+
+
+# -- failures ----------------------------------------------------------------------------------
+
+
+class Failure(Record):
+    """A work item a stage gave up on (``failures.jsonl``): the backend failed for good on one of its
+    requests. The item is not in the stage's output, so the next run does it again."""
+
+    stage: str
+    item: str
+    """the work item's key"""
+    reason: str
+    """the backend's last error, the API key redacted"""
+    time: str
+    """when, in UTC (ISO 8601)"""

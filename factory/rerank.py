@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from factory.config import RunConfig
 from factory.critique import load_prompts
+from factory.failures import Failures
 from factory.llm.base import Backend
 from factory.records import Record, file_sha256, work_key
 from factory.store import Store
@@ -49,7 +50,7 @@ class Reranked(Record):
 # -- scoring --------------------------------------------------------------------------------------
 
 
-def load_reward_model(path: Path, device: str):
+def load_reward_model(path: Path, device: str, allow_pickle: bool = False):
     """(scalar model, tokenizer) of a reward-model folder written by ``factory train rm``."""
     from factory.train import TrainError
     from factory.train.common import HEAD_FILE, ScalarModel, load_tokenizer, pick_device
@@ -60,7 +61,7 @@ def load_reward_model(path: Path, device: str):
         # A plain causal LM would get a random head: its "best" response would be noise.
         raise TrainError(f"{path}: not a reward model (no {HEAD_FILE}); train one with `factory train rm`")
     tok = load_tokenizer(str(path))
-    rm = ScalarModel.from_pretrained(path, pick_device(device), tok)
+    rm = ScalarModel.from_pretrained(path, pick_device(device), tok, allow_pickle=allow_pickle)
     return rm.eval(), tok
 
 
@@ -73,7 +74,7 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
 
     rc = cfg.rerank
     rm_path = Path(rc.reward_model) if rc.reward_model is not None else run_dir / "rm" / "model"
-    rm, tok = load_reward_model(rm_path, rc.device)  # before any sampling: a missing RM fails fast
+    rm, tok = load_reward_model(rm_path, rc.device, cfg.allow_pickle)  # before any sampling: a missing RM fails fast
     prompts = load_prompts(rc.prompts, rc.limit, run_dir)
     settings = {
         "model": backend.model_id,
@@ -95,19 +96,23 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
     # One generate call holds about backend.batch_size sequences: n per prompt.
     per_batch = max(1, cfg.backend.batch_size // rc.n)
     device = next(rm.parameters()).device
+    failures = Failures(run_dir, "rerank")
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="rerank", unit="prompt") as bar:
         for start in range(0, len(todo), per_batch):
             batch = todo[start : start + per_batch]
-            # 1. Sample n responses per prompt.
+            bar_step = len(batch)
+            # 1. Sample n responses per prompt (a prompt whose request failed for good is left for the next run).
             params = rc.params.model_copy(update={"n": rc.n, "seed": rc.seed + start})
-            sampled = backend.generate([[{"role": "user", "content": text}] for _, _, text in batch], params)
-            responses = [[c.text for c in completions] for completions in sampled]
+            sampled = failures.call(backend.generate, [[{"role": "user", "content": text}] for _, _, text in batch],
+                                    [key for key, _, _ in batch], params)
+            batch = [it for it, completions in zip(batch, sampled) if completions is not None]
+            responses = [[c.text for c in completions] for completions in sampled if completions is not None]
             # 2. Score every prompt + response with the reward model, read where training read it
             #    (the reply's end-of-turn token); a prompt's n replies share its computation.
             conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": r}]
                              for (_, _, text), rs in zip(batch, responses) for r in rs]
-            flat = score(rm, tok, conversations, rc.batch_size, rc.max_length, device)
+            flat = score(rm, tok, conversations, rc.batch_size, rc.max_length, device) if conversations else []
             # 3. Keep the best of each prompt's n.
             records = []
             for b, ((key, pid, text), rs) in enumerate(zip(batch, responses)):
@@ -119,11 +124,13 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
                     responses=rs, scores=scores, chosen=best, reward_model=str(rm_path), model=backend.model_id,
                 ))
             written += store.append(records)
+            failures.flush()
             done += records
-            bar.update(len(batch))
+            bar.update(bar_step)
     note = f"best of {rc.n} by the reward model {rm_path}"
     if done:
         best = sum(r.scores[r.chosen] for r in done) / len(done)
         mean = sum(sum(r.scores) / len(r.scores) for r in done) / len(done)
         note += f"; mean reward of the kept response {best:.3f} vs {mean:.3f} for a random one"
-    return StageSummary("rerank", len(items), len(items) - len(todo), written, store.path, Counter(), note)
+    return StageSummary("rerank", len(items), len(items) - len(todo), written, store.path, Counter(), note,
+                        failures.counts())

@@ -20,12 +20,18 @@ class StageSummary:
     rejected: Counter[str] = field(default_factory=Counter)
     """items refused, by reason (whole run, earlier invocations included)"""
     note: str = ""
+    failed: Counter[str] = field(default_factory=Counter)
+    """items this invocation gave up on (the backend failed for good), by reason; the next run retries them"""
 
     def line(self) -> str:
         text = f"{self.stage}: {self.written} written, {self.skipped} already done, {self.total} in all -> {self.output}"
         if self.rejected:
             reasons = ", ".join(f"{reason} {n}" for reason, n in self.rejected.most_common())
             text += f"\n  rejected {sum(self.rejected.values())}: {reasons}"
+        if self.failed:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in self.failed.most_common())
+            text += (f"\n  FAILED {sum(self.failed.values())} (logged in failures.jsonl; run again to retry only them): "
+                     f"{reasons}")
         if self.note:
             text += f"\n  {self.note}"
         return text

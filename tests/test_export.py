@@ -91,14 +91,14 @@ def fill_round(folder: Path, r: int, tasks: bool = True) -> None:
 
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
-    folder = tmp_path / "outputs" / "demo"
+    folder = tmp_path / "demo"
     fill_round(folder, 1)
     return folder
 
 
 @pytest.fixture
 def rounds_dir(tmp_path) -> Path:
-    folder = tmp_path / "outputs" / "loop"
+    folder = tmp_path / "loop"
     fill_round(folder / "round-1", 1)
     fill_round(folder / "round-2", 2)  # tasks copied: the same keys as round 1's
     fill_round(folder / "round-10", 10)  # sorted by number, not by name

@@ -18,17 +18,19 @@ if TYPE_CHECKING:  # config imports base.py from this package; a runtime import 
 __all__ = ["Backend", "BackendError", "Completion", "GenParams", "Messages", "load_backend"]
 
 
-def load_backend(cfg: "BackendConfig") -> Backend:
+def load_backend(cfg: "BackendConfig", allow_pickle: bool = False) -> Backend:
+    """The backend ``cfg.spec`` names; ``allow_pickle`` lets hf load pickle-based weights (the user's explicit choice)."""
     if cfg.workers > 1:
         # Each Ray actor calls back into load_backend with workers = 1 to build its own copy.
         from factory.llm.raypool import RayPool
 
-        return RayPool(cfg)
+        return RayPool(cfg, allow_pickle)
     kind, _, rest = cfg.spec.partition(":")
     if kind == "hf":
         from factory.llm.hf import HFBackend
 
-        return HFBackend(rest, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+        return HFBackend(rest, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size,
+                         allow_pickle=allow_pickle)
     if kind == "openai":
         from factory.llm.openai import OpenAIBackend
 
@@ -41,6 +43,8 @@ def load_backend(cfg: "BackendConfig") -> Backend:
             timeout_s=cfg.timeout_s,
             max_retries=cfg.max_retries,
             backoff_s=cfg.backoff_s,
+            max_backoff_s=cfg.max_backoff_s,
+            stop_after_failures=cfg.stop_after_failures,
         )
     if kind == "vllm":
         from factory.llm.vllm import VLLMBackend
@@ -50,6 +54,7 @@ def load_backend(cfg: "BackendConfig") -> Backend:
             dtype=cfg.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
+            allow_pickle=allow_pickle,
         )
     if kind == "scripted":
         raise BackendError("the scripted backend replays queued replies for unit tests; build it in code, not from a config")

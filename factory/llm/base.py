@@ -22,6 +22,25 @@ class BackendError(RuntimeError):
     """A model call failed for good (after retries, or for a reason retrying cannot fix)."""
 
 
+class RequestFailed(BackendError):
+    """One request failed for good, for a reason of its own (retries spent, a reply too long):
+    the other requests of its batch may still be fine."""
+
+
+class BatchIncomplete(BackendError):
+    """Some requests of a batch failed for good; the others' results are here.
+
+    ``results`` holds one entry per request, None where it failed; ``reasons`` maps the index of
+    each failed request to why. A stage drops those requests' items, records them as failed and
+    goes on (see ``factory.failures``); a caller that cannot do without them sees a BackendError.
+    """
+
+    def __init__(self, results: list, reasons: dict[int, str]):
+        self.results, self.reasons = results, reasons
+        first = min(reasons)
+        super().__init__(f"{len(reasons)} of {len(results)} requests failed; request {first}: {reasons[first]}")
+
+
 class GenParams(BaseModel):
     """Sampling settings for one ``generate`` call."""
 

@@ -9,6 +9,7 @@ logits of the option tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -27,6 +28,38 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return n
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""weight files that torch reads by unpickling"""
+
+
+def pickle_refusal(path: str) -> str | None:
+    """Why the model folder ``path`` cannot load without unpickling (it holds pickle-based weights
+    and no safetensors), or None. Hub ids and folders with safetensors get None: for them
+    ``use_safetensors=True`` is enough."""
+    folder = Path(path)
+    # transformers' names for safetensors weights, one file or shards (a reward model's head is beside them)
+    if not folder.is_dir() or any((folder / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        return None
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return None
+    return (f"{folder}: pickle-based weights refused ({', '.join(pickles)}): unpickling a file can run any code "
+            "hidden in it. Convert the model to safetensors once, where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(FOLDER).save_pretrained(FOLDER, safe_serialization=True); "
+            "or, if you trust this file, pass --allow-pickle (config key allow_pickle = true)")
+
+
+def weight_options(path: str, allow_pickle: bool) -> dict:
+    """``from_pretrained`` keywords: safetensors only, unless the user allowed pickles. Raises
+    ``ValueError`` with ``pickle_refusal``'s message for a folder of pickled weights alone."""
+    if allow_pickle:
+        return {}
+    why = pickle_refusal(path)
+    if why:
+        raise ValueError(why)
+    return {"use_safetensors": True}
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -37,7 +70,8 @@ def _resolve_device(device: str) -> torch.device:
 
 
 class HFBackend:
-    def __init__(self, model: str = "embedded", device: str = "auto", dtype: str = "auto", batch_size: int = 64):
+    def __init__(self, model: str = "embedded", device: str = "auto", dtype: str = "auto", batch_size: int = 64,
+                 allow_pickle: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from factory.llm.embedded import resolve_model
@@ -48,8 +82,12 @@ class HFBackend:
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.batch_size = batch_size
         try:
+            safe = weight_options(path, allow_pickle)
+        except ValueError as e:
+            raise BackendError(str(e)) from None
+        try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(self.device)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], **safe).to(self.device)
         except OSError as e:
             raise BackendError(f"cannot load model {model!r}: {e}") from None
         self.model.eval()  # dropout off: sampling and scoring must not be noisy

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import httpx
 
-from factory.llm.base import BackendError, Completion, GenParams, Messages, check_options, cut_at_stop, normalise
+from factory.llm.base import BackendError, BatchIncomplete, Completion, RequestFailed, GenParams, Messages, check_options, cut_at_stop, normalise
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ R = TypeVar("R")
 
 MAX_RETRY_AFTER_S = 120.0
 """a server's Retry-After is obeyed up to this; a bogus huge value must not stall a run for hours."""
+ITEM_REFUSALS = (400, 413)
+"""refusals that concern one request (malformed, too long), not the server, key or model: that item fails alone"""
 TOP_LOGPROBS = 20  # the most the OpenAI API allows; vLLM accepts it too
 NO_LOGPROBS_HINT = (
     "this server does not return logprobs / top_logprobs; the judge and classifier need them "
@@ -110,6 +112,12 @@ class OpenAIBackend:
     send, wait for the reply), which for a non-streamed reply is about the whole request.
     A failed request is retried up to ``max_retries`` times, waiting ``backoff_s * 2**attempt``
     with full jitter, at most ``max_backoff_s``, or what the server's ``Retry-After`` says.
+
+    A request that still fails, or that the server refuses for a reason of its own (400, 413:
+    say, a prompt longer than the context), fails alone: the batch's other results come back in a
+    ``BatchIncomplete`` and the stage records the item as failed. What no request can get past
+    (a wrong key, URL or model: 401, 403, 404) stops the batch at once, and so do
+    ``stop_after_failures`` failed requests in a row: the server is down, or refuses everything.
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class OpenAIBackend:
         max_retries: int = 5,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
+        stop_after_failures: int = 16,
     ):
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -133,6 +142,8 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.stop_after_failures = stop_after_failures
+        self._failed_in_a_row = 0
         self._key = os.environ.get(api_key_env) or None  # private: never printed, see _redact
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._client = httpx.Client(
@@ -219,66 +230,92 @@ class OpenAIBackend:
             except (httpx.TransportError, httpx.DecodingError) as e:
                 if isinstance(e, httpx.UnsupportedProtocol):
                     raise BackendError(self._redact(f"{self.url}: {e}")) from None
+                # A reset, a torn body, a timeout: the next attempt may well get through.
                 failure = f"{type(e).__name__}: {str(e) or 'no detail'}"
             else:
+                body = self._redact(resp.text)  # before any excerpt: a cut inside the key would keep its start
                 if resp.is_success:
-                    reply, failure = _parse_reply(resp)
+                    reply, failure = _parse_reply(resp, body)
                     if reply is not None:
                         return reply
                 elif is_retryable_status(resp.status_code):
-                    failure, retry_after = _describe(resp), resp.headers.get("retry-after")
+                    failure, retry_after = _describe(resp, body), resp.headers.get("retry-after")
+                elif resp.status_code in ITEM_REFUSALS:
+                    raise RequestFailed(self._redact(self._refusal(resp, body)))
                 else:
-                    raise BackendError(self._redact(self._refusal(resp)))
+                    raise BackendError(self._redact(self._refusal(resp, body)))
             if attempt + 1 < attempts:
                 delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
                 note = f"{self.url}: attempt {attempt + 1}/{attempts} failed ({failure}); retrying in {delay:.1f}s"
                 log.warning(self._redact(note))
                 time.sleep(delay)
         gave_up = f"{self.url} (model {self.model!r}): gave up after {attempts} attempts; last failure: {failure}"
-        raise BackendError(self._redact(gave_up))
+        raise RequestFailed(self._redact(gave_up))
 
-    def _refusal(self, resp: httpx.Response) -> str:
+    def _refusal(self, resp: httpx.Response, body: str) -> str:
         hint = {
             401: f"check the API key in ${self.api_key_env}",
             403: f"check the API key in ${self.api_key_env}",
             404: "check the base URL (usually ending in /v1) and the model name",
+            400: "the server found this request malformed or too long for the model",
+            413: "the request is too large for the server",
             422: "check the request fields: continuing an assistant message (prefill) needs a server that "
             "knows continue_final_message, such as vLLM serve",
         }.get(resp.status_code, "check the request settings and the model name")
-        return f"{self.url} (model {self.model!r}) refused the request, not retried: {_describe(resp)}; {hint}"
+        return f"{self.url} (model {self.model!r}) refused the request, not retried: {_describe(resp, body)}; {hint}"
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "<redacted>") if self._key else text
 
     def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """``fn`` over ``items`` with at most ``max_concurrency`` in flight, results in order."""
+        """``fn`` over ``items`` with at most ``max_concurrency`` in flight, results in order.
+
+        Requests that fail alone (``RequestFailed``) leave None in a ``BatchIncomplete``; any
+        other error, or too many failures in a row, ends the whole batch at once.
+        """
         if not items:
             return []
+        results: list[R | None] = [None] * len(items)
+        reasons: dict[int, str] = {}
         with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
             futures = [pool.submit(fn, item) for item in items]
             try:
-                return [f.result() for f in futures]
+                for i, f in enumerate(futures):
+                    try:
+                        results[i] = f.result()
+                        self._failed_in_a_row = 0
+                    except RequestFailed as e:
+                        reasons[i] = str(e)
+                        self._failed_in_a_row += 1
+                        if self._failed_in_a_row >= self.stop_after_failures:
+                            raise BackendError(
+                                f"{self.url} (model {self.model!r}): stopped after {self._failed_in_a_row} requests "
+                                f"in a row failed; the server seems down or refuses every request. Last failure: {e}"
+                            ) from None
             except BaseException:
                 for f in futures:  # fail fast: do not start requests whose batch is lost anyway
                     f.cancel()
                 raise
+        if reasons:
+            raise BatchIncomplete(results, reasons)
+        return results  # type: ignore[return-value]
 
 
-def _parse_reply(resp: httpx.Response) -> tuple[dict[str, Any] | None, str]:
+def _parse_reply(resp: httpx.Response, body: str) -> tuple[dict[str, Any] | None, str]:
     """The JSON reply, or None and why it is unusable (a torn or odd body is worth a retry)."""
     try:
         reply = resp.json()
     except ValueError as e:
-        return None, f"HTTP {resp.status_code} with a body that is not JSON ({e}): {_excerpt(resp.text)}"
+        return None, f"HTTP {resp.status_code} with a body that is not JSON ({e}): {_excerpt(body)}"
     if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
-        return None, f"HTTP {resp.status_code} with no choices in the reply: {_excerpt(resp.text)}"
+        return None, f"HTTP {resp.status_code} with no choices in the reply: {_excerpt(body)}"
     if not all(isinstance(c, dict) for c in reply["choices"]):
-        return None, f"HTTP {resp.status_code} with malformed choices: {_excerpt(resp.text)}"
+        return None, f"HTTP {resp.status_code} with malformed choices: {_excerpt(body)}"
     return reply, ""
 
 
-def _describe(resp: httpx.Response) -> str:
-    return f"HTTP {resp.status_code}: {_excerpt(resp.text)}"
+def _describe(resp: httpx.Response, body: str) -> str:
+    return f"HTTP {resp.status_code}: {_excerpt(body)}"
 
 
 def _excerpt(text: str, limit: int = 300) -> str:

@@ -39,12 +39,12 @@ class _Worker:
         self.backend = None
         self.requests = 0
 
-    def load(self, cfg: "BackendConfig") -> dict[str, Any]:
+    def load(self, cfg: "BackendConfig", allow_pickle: bool = False) -> dict[str, Any]:
         import ray
 
         from factory.llm import load_backend
 
-        self.backend = load_backend(cfg)
+        self.backend = load_backend(cfg, allow_pickle)
         node = ray.get_runtime_context().get_node_id()
         return {"model_id": self.backend.model_id, "info": getattr(self.backend, "info", {}), "node": node}
 
@@ -129,7 +129,7 @@ def _check_reachable(given: str) -> None:
 class RayPool:
     """``cfg.workers`` copies of the backend ``cfg.spec`` names, as Ray actors, behind the Backend protocol."""
 
-    def __init__(self, cfg: "BackendConfig"):
+    def __init__(self, cfg: "BackendConfig", allow_pickle: bool = False):
         inner = _check(cfg)
         try:
             import ray
@@ -144,7 +144,7 @@ class RayPool:
             self._check_room(cfg)
             actor = ray.remote(_Worker).options(num_cpus=cfg.worker_cpus, num_gpus=cfg.worker_gpus)
             self.actors = [actor.remote() for _ in range(cfg.workers)]
-            loaded = self._gather([a.load.remote(inner) for a in self.actors])
+            loaded = self._gather([a.load.remote(inner, allow_pickle) for a in self.actors])
         except BaseException:
             self.close()
             raise

@@ -15,7 +15,8 @@ from factory.llm.base import BackendError, Completion, GenParams, Messages, chat
 
 class VLLMBackend:
     def __init__(
-        self, model: str, dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9
+        self, model: str, dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+        allow_pickle: bool = False,
     ):
         try:
             from vllm import LLM
@@ -31,6 +32,8 @@ class VLLMBackend:
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
+            # "auto" would fall back to unpickling *.bin weights; that takes the user's explicit flag.
+            load_format="auto" if allow_pickle else "safetensors",
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.info = {"path": path, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size}

@@ -2,9 +2,9 @@
 model (reward and value), LoRA, optimiser schedule, several processes (``Dist``), checkpoints
 that resume exactly, metrics.
 
-Checkpoints never hold pickled objects a loader must trust: weights are safetensors, and the
-optimiser, scheduler and RNG states are read back with ``torch.load(weights_only=True)``,
-which only rebuilds tensors and plain containers.
+Nothing here unpickles: model weights load from safetensors only (``use_safetensors``) unless
+the user passes ``allow_pickle``, and a checkpoint's optimiser, scheduler and RNG states are
+safetensors plus JSON (``flatten_state``), so resuming never runs code from a file.
 """
 
 from __future__ import annotations
@@ -111,11 +111,22 @@ def add_lora(model: nn.Module, lora: LoraSettings, adapter: str = "default"):
     return get_peft_model(model, config, adapter_name=adapter)
 
 
-def load_causal_lm(path: str, device: torch.device, tok=None):
-    from transformers import AutoModelForCausalLM
+def _weight_options(path: str, allow_pickle: bool) -> dict:
+    from factory.llm.hf import weight_options
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return weight_options(path, allow_pickle)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def load_causal_lm(path: str, device: torch.device, tok=None, allow_pickle: bool = False):
+    """A causal LM for training, from safetensors (pickled weights only with ``allow_pickle``)."""
+    from transformers import AutoModelForCausalLM
+
+    safe = _weight_options(path, allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **safe)
     except OSError as e:
         raise TrainError(f"cannot load model {path!r}: {e}") from None
     if tok is not None:
@@ -143,14 +154,17 @@ class ScalarModel(nn.Module):
         self.bias = bias
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device, tok=None) -> "ScalarModel":
-        """A saved scalar model (its head and bias too), or any causal LM (a fresh head)."""
+    def from_pretrained(cls, path: str | Path, device: torch.device, tok=None,
+                        allow_pickle: bool = False) -> "ScalarModel":
+        """A saved scalar model (its head and bias too), or any causal LM (a fresh head); weights
+        from safetensors (pickled ones only with ``allow_pickle``)."""
         from safetensors.torch import load_file
         from transformers import AutoModel
 
         local = Path(str(path))
+        safe = _weight_options(str(path), allow_pickle)
         try:
-            backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+            backbone = AutoModel.from_pretrained(str(path), dtype=torch.float32, **safe)
         except OSError as e:
             raise TrainError(f"cannot load model {str(path)!r}: {e}") from None
         if tok is not None:
@@ -418,7 +432,10 @@ def seed_all(seed: int) -> None:
 
 # -- checkpoints --------------------------------------------------------------------------------
 
-STATE_FILE = "trainer_state.pt"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+PICKLED_STATE = "trainer_state.pt"
+"""the pickle (torch.save) file of checkpoints written before the safetensors + JSON format"""
 
 
 def _rng_state() -> dict:
@@ -426,6 +443,58 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
+
+
+def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-able skeleton, tensors by name) of nested optimiser / scheduler / RNG state.
+
+    Every tensor goes into the tensors dict under its path (``stateful/optimizer/state/0/exp_avg``)
+    and the skeleton holds ``{"__tensor__": path}`` in its place. Python values JSON cannot tell
+    apart are tagged: a tuple is ``{"__tuple__": [...]}`` (AdamW's ``betas``, ``random.getstate()``),
+    a dict whose keys are not all plain strings is ``{"__dict__": [[key, value], ...]}`` (an
+    optimiser's state is keyed by parameter index, and ``load_state_dict`` matches on the int).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            name = path
+            while name in tensors:  # only if a key itself holds '/': keep both
+                name += "+"
+            tensors[name] = x.detach().to("cpu").contiguous()
+            return {"__tensor__": name}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v, f"{path}/{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [walk(v, f"{path}/{i}") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: walk(v, f"{path}/{k}") for k, v in x.items()}
+            for k in x:
+                if not (k is None or isinstance(k, (bool, int, float, str))):
+                    raise TypeError(f"checkpoint state at {path or '/'}: a {type(k).__name__} key cannot be saved")
+            return {"__dict__": [[k, walk(v, f"{path}/{k}")] for k, v in x.items()]}
+        raise TypeError(f"checkpoint state at {path or '/'}: a {type(x).__name__} cannot be saved "
+                        "(only tensors, numbers, strings, None, lists, tuples and dicts)")
+
+    return walk(obj, ""), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The nested state ``flatten_state`` took apart, tuples and int keys as they were."""
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    if isinstance(skeleton, dict):
+        if set(skeleton) == {"__tensor__"}:
+            return tensors[skeleton["__tensor__"]]
+        if set(skeleton) == {"__tuple__"}:
+            return tuple(unflatten_state(v, tensors) for v in skeleton["__tuple__"])
+        if set(skeleton) == {"__dict__"}:
+            return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+        return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
+    return skeleton
 
 
 def save_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[str, Any], state: dict,
@@ -438,7 +507,7 @@ def save_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[
     per process (PPO's processes sample from streams of their own). Every process calls this;
     rank 0 writes, the others wait until the checkpoint is whole.
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     dist.check_same(modules)
     rngs = dist.gather(_rng_state())
@@ -448,7 +517,9 @@ def save_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[
         tmp.mkdir(parents=True)
         for name, module in modules.items():
             save_model(module, str(tmp / f"{name}.safetensors"))
-        torch.save({"stateful": {k: v.state_dict() for k, v in stateful.items()}, "rng": rngs}, tmp / STATE_FILE)
+        skeleton, tensors = flatten_state({"stateful": {k: v.state_dict() for k, v in stateful.items()}, "rng": rngs})
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        (tmp / STATE_JSON).write_text(json.dumps(skeleton) + "\n")
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -462,8 +533,34 @@ def save_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[
     dist.barrier()
 
 
+def _read_state(folder: Path, allow_pickle: bool) -> dict:
+    """The optimiser/scheduler/RNG state of a checkpoint folder: safetensors + JSON; a pickle
+    (``trainer_state.pt``, the old format) only when ``allow_pickle`` says the user trusts it."""
+    from safetensors.torch import load_file
+
+    if (folder / STATE_JSON).is_file():
+        skeleton = json.loads((folder / STATE_JSON).read_text())
+        return unflatten_state(skeleton, load_file(str(folder / STATE_TENSORS)))
+    pickled = folder / PICKLED_STATE
+    if pickled.is_file() and allow_pickle:
+        # weights_only: even a trusted pickle is read with torch's restricted unpickler.
+        try:
+            return torch.load(pickled, weights_only=True)
+        except Exception as e:  # the unpickler's refusals come as several types; all mean "not plain state"
+            raise TrainError(f"{pickled}: not a plain checkpoint, refused even with --allow-pickle ({e}); "
+                             f"delete the folder {folder} to start this trainer over") from None
+    if pickled.is_file():
+        raise TrainError(f"{pickled}: a checkpoint in the old pickle-based format (torch.save); pickle-based "
+                         "checkpoints are refused, since unpickling can run code. Delete the folder "
+                         f"{folder} to start this trainer over (its finished model/ is not affected), or, if "
+                         "you made this checkpoint yourself, resume with --allow-pickle (config key "
+                         "allow_pickle = true); the next checkpoint is then written in the safe format")
+    raise TrainError(f"{folder}: checkpoint has state.json but no {STATE_JSON}; it is incomplete. Delete "
+                     f"{folder} to start this trainer over")
+
+
 def load_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[str, Any],
-                    dist: Dist = SOLO) -> dict | None:
+                    dist: Dist = SOLO, allow_pickle: bool = False) -> dict | None:
     """Restore a checkpoint written by ``save_checkpoint``; None when there is none. Every process
     loads it; each takes back its own RNG state (a process the checkpoint has none for, when it
     was written by fewer processes, keeps its own seeded one)."""
@@ -474,9 +571,9 @@ def load_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[
         if not (old / "state.json").is_file():
             return None
         folder = old
+    saved = _read_state(folder, allow_pickle)  # first: an old checkpoint is refused before any weight changes
     for name, module in modules.items():
         load_model(module, str(folder / f"{name}.safetensors"))
-    saved = torch.load(folder / STATE_FILE, weights_only=True)
     for k, v in stateful.items():
         v.load_state_dict(saved["stateful"][k])
     rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # one dict: a single process's

@@ -349,8 +349,8 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     tok = load_tokenizer(policy_path)
     if (rm_path / "tokenizer.json").is_file() and load_tokenizer(str(rm_path)).get_vocab() != tok.get_vocab():
         raise TrainError(f"the reward model {rm_path} and the policy {policy_path} use different tokenizers")
-    policy = load_causal_lm(policy_path, device, tok).eval()
-    rm = ScalarModel.from_pretrained(rm_path, device, tok).eval()
+    policy = load_causal_lm(policy_path, device, tok, allow_pickle=cfg.allow_pickle).eval()
+    rm = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=cfg.allow_pickle).eval()
     rm.requires_grad_(False)
     if pc.lora.r:
         # One frozen base per backbone: the policy's adapters off = the reference; the value
@@ -361,7 +361,7 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         ref, as_ref, as_rm = policy, policy.disable_adapter, value.backbone.disable_adapter
     else:
         ref = copy.deepcopy(policy).requires_grad_(False)
-        value = ScalarModel.from_pretrained(rm_path, device, tok).eval()  # the value model starts as the RM
+        value = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=cfg.allow_pickle).eval()  # the value model starts as the RM
         as_ref = as_rm = nullcontext
     trainable = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     opt, sched = make_optimizer(trainable, pc, pc.steps)
@@ -381,7 +381,7 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     # prompts coincide. Rank 0 keeps the stream one process uses; a checkpoint restores each's.
     if dist.rank:
         seed_all(pc.seed + dist.rank)
-    state = load_checkpoint(out / "checkpoint", modules, stateful, dist)
+    state = load_checkpoint(out / "checkpoint", modules, stateful, dist, allow_pickle=cfg.allow_pickle)
     dist.broadcast(modules)
     start = state["step"] if state else 0
     metrics = Metrics(out / "metrics.jsonl", start if state else None, write=dist.is_main)

@@ -430,13 +430,13 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 3. Model: backbone + fresh scalar head (seeded), LoRA on the backbone if asked (the head
     # is outside the adapters' wrapper, so it stays trainable); optimiser and schedule; resume.
     seed_all(rc.seed)
-    model = ScalarModel.from_pretrained(path, device, tok)
+    model = ScalarModel.from_pretrained(path, device, tok, allow_pickle=cfg.allow_pickle)
     model.backbone = add_lora(model.backbone, rc.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, rc, total_steps)
     state = load_checkpoint(ckpt, {"model": model}, {} if trained_out else {"optimizer": opt, "scheduler": sched},
-                            dist)
+                            dist, allow_pickle=cfg.allow_pickle)
     dist.broadcast({"model": model})
     if state is None:
         state = {"fingerprint": fingerprint, "step": 0, "epoch": 0, "position": 0, "evals": []}

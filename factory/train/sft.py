@@ -197,7 +197,7 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
 
     # 2. Model (LoRA adapters if asked), optimiser and schedule.
     seed_all(sc.seed)
-    model = add_lora(load_causal_lm(path, device, tok), sc.lora)
+    model = add_lora(load_causal_lm(path, device, tok, allow_pickle=cfg.allow_pickle), sc.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, sc, total_steps)
@@ -205,7 +205,8 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 3. Resume: the checkpoint must come from this data and these settings, or the run would mix two.
     fingerprint = work_key({"data": file_sha256(Path(data_path)), "model": model_id},
                            sc.model_dump(mode="json", exclude={"device", "data", "output"}))
-    state = load_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, dist)
+    state = load_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, dist,
+                            allow_pickle=cfg.allow_pickle)
     dist.broadcast({"model": model})
     if state is not None and state["fingerprint"] != fingerprint:
         raise TrainError(f"{ckpt}: this checkpoint was made from other data or settings; "
