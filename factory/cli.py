@@ -43,7 +43,7 @@ def user_errors(fn):
     from factory.llm.base import BackendError
     from factory.preferences import PreferenceFormatError
     from factory.seeds import SeedError
-    from factory.store import StoreError
+    from factory.store import WRITE_HINTS, StoreError
     from factory.train import TrainError
 
     @wraps(fn)
@@ -53,6 +53,13 @@ def user_errors(fn):
         except (ConfigError, SeedError, StoreError, BackendError, ConstitutionError, PreferenceFormatError,
                 TrainError, FileNotFoundError) as e:
             raise UserError(str(e)) from None
+        except OSError as e:
+            # A full disk or a read-only folder met outside a store (a report, an export, a checkpoint):
+            # every writer here writes a temporary file and renames it, so what was there is intact.
+            if e.errno not in WRITE_HINTS:
+                raise
+            where = e.filename or "the output folder"
+            raise UserError(f"{where}: cannot write: {e.strerror}{WRITE_HINTS[e.errno]}") from None
 
     return wrapper
 

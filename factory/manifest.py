@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import factory
 from factory.config import RunConfig
 from factory.records import file_sha256
+from factory.store import StoreError
 
 NAME = "manifest.json"
 
@@ -57,10 +58,14 @@ def write_manifest(run_dir: Path, cfg: RunConfig, backend: dict[str, Any], input
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{NAME}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers see the old manifest or the new one, never half of one
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # readers see the old manifest or the new one, never half of one
+    except OSError as e:  # a full disk, a read-only folder: the old manifest stays as it was
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{path}: cannot write the run's manifest: {e.strerror or e}") from e
     return manifest

@@ -12,6 +12,7 @@ lines another process appends behind its back.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import warnings
@@ -23,6 +24,15 @@ from pydantic import ValidationError
 from factory.records import Record
 
 R = TypeVar("R", bound=Record)
+
+
+WRITE_HINTS = {  # what to do about a failed write, by errno
+    errno.ENOSPC: " (the disk is full: free some space, then run the same command again to go on)",
+    errno.EDQUOT: " (the disk quota is used up: free some space, then run the same command again to go on)",
+    errno.EFBIG: " (the file is larger than this system allows)",
+    errno.EROFS: " (the output folder is on a read-only file system: choose another output_dir)",
+    errno.EACCES: " (no permission to write there: choose another output_dir, or fix the folder's permissions)",
+}
 
 
 class StoreError(RuntimeError):
@@ -51,13 +61,27 @@ def input_objects(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
     line holds; the caller checks its shape (``expected`` says what it should be, for the message
     on a line that holds no object at all).
     """
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), start=1):
+    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM, as some Windows editors write
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise StoreError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # no record could hold a lone surrogate
         except json.JSONDecodeError as e:
             raise StoreError(f"{path}:{number}: not a JSON object: {e.msg}") from None
+        except UnicodeEncodeError:
+            raise StoreError(f"{path}:{number}: a lone surrogate escape (such as \\ud800); expected valid Unicode "
+                             "text") from None
+        except ValueError:  # a number past Python's 4300-digit limit for reading integers
+            raise StoreError(f"{path}:{number}: not a JSON object: a number with too many digits") from None
+        except RecursionError:
+            raise StoreError(f"{path}:{number}: not a JSON object: nested too deeply") from None
         if not isinstance(obj, dict):
             raise StoreError(f"{path}:{number}: expected {expected}")
         yield number, obj
@@ -183,9 +207,17 @@ class Store(Generic[R]):
             if created:
                 _fsync_dir(self.path.parent)  # a new file's name is durable only once its folder is
         except OSError as e:
-            # The write may have landed in part: cut back to the last good line next time.
+            # The write may have landed in part: cut it back to the last whole line now (a full
+            # disk still allows that), or, if even that fails, before the next append.
             self._cut_needed = True
-            raise StoreError(f"{self.path}: write failed: {e}") from e
+            try:
+                if self.path.exists() and self.path.stat().st_size > self._end:
+                    os.truncate(self.path, self._end)
+                self._cut_needed = False
+            except OSError:
+                pass
+            raise StoreError(f"{self.path}: write failed, the records before it are intact: {e.strerror or e}"
+                             f"{WRITE_HINTS.get(e.errno, '')}") from e
 
 
 def _fsync_dir(folder: Path) -> None:

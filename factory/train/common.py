@@ -507,6 +507,7 @@ def save_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[
     per process (PPO's processes sample from streams of their own). Every process calls this;
     rank 0 writes, the others wait until the checkpoint is whole.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file, save_model
 
     dist.check_same(modules)
@@ -514,16 +515,22 @@ def save_checkpoint(folder: Path, modules: dict[str, nn.Module], stateful: dict[
     if dist.is_main:
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name, module in modules.items():
-            save_model(module, str(tmp / f"{name}.safetensors"))
-        skeleton, tensors = flatten_state({"stateful": {k: v.state_dict() for k, v in stateful.items()}, "rng": rngs})
-        save_file(tensors, str(tmp / STATE_TENSORS))
-        (tmp / STATE_JSON).write_text(json.dumps(skeleton) + "\n")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        try:
+            tmp.mkdir(parents=True)
+            for name, module in modules.items():
+                save_model(module, str(tmp / f"{name}.safetensors"))
+            state_dicts = {k: v.state_dict() for k, v in stateful.items()}
+            skeleton, tensors = flatten_state({"stateful": state_dicts, "rng": rngs})
+            save_file(tensors, str(tmp / STATE_TENSORS))
+            (tmp / STATE_JSON).write_text(json.dumps(skeleton) + "\n")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        except (OSError, SafetensorError) as e:  # a full disk: safetensors reports it as its own error
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainError(f"{folder}: could not write the checkpoint ({e}); the previous one is kept: free some "
+                             "space and run the same command again to resume from it") from e
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
             shutil.rmtree(old, ignore_errors=True)
