@@ -391,9 +391,12 @@ def principles_import(file, output, name, force):
         raise UserError(f"{output} exists; pass --force to overwrite it")
     constitution = import_constitution(file, name=name)
     tmp = output.with_name(f".{output.stem}.tmp.yaml")
-    tmp.write_text(to_yaml(constitution), encoding="utf-8")
-    load_constitution(tmp)  # what we write must load back, or nothing is written
-    tmp.replace(output)
+    try:
+        tmp.write_text(to_yaml(constitution), encoding="utf-8")
+        load_constitution(tmp)  # what we write must load back, or nothing is written
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
     click.echo(f"wrote {output}: {len(constitution.principles)} principles, {len(constitution.examples)} examples")
 
 

@@ -251,6 +251,8 @@ class RunConfig(Strict):
     @model_validator(mode="after")
     def _inside_output_dir(self) -> "RunConfig":
         # A plain name can still leave output_dir through a symlink already there; refuse that too.
+        if "\0" in str(self.output_dir):
+            raise ValueError(f"output_dir: a NUL byte in the path {str(self.output_dir)!r}")
         if not self.run_dir.resolve().is_relative_to(self.output_dir.resolve()):
             raise ValueError(f"name: the run folder {self.run_dir} resolves to {self.run_dir.resolve()}, outside "
                              f"output_dir {self.output_dir.resolve()}; pick another name")
@@ -282,21 +284,25 @@ def _read(path: Path) -> dict[str, Any]:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
                           "save the file as UTF-8") from None
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigError(f"{path}: expected a .toml, .yaml or .yml file")
+    duplicates = []
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text)  # data only: never constructs Python objects
-            for line, loc, first in _duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)):
-                raise ConfigError(f"{path}:{line}: {_where(loc)}: duplicate key (first at line {first})")
         else:
-            raise ConfigError(f"{path}: expected a .toml, .yaml or .yml file")
+            data = yaml.safe_load(text)  # data only: never constructs Python objects
+            duplicates = list(_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)))  # TOML refuses them itself
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     except RecursionError:  # both parsers build nested tables and lists recursively
         raise ConfigError(f"{path}: nested too deeply to read") from None
+    except ValueError:  # an integer past Python's 4300-digit limit for reading integers
+        raise ConfigError(f"{path}: a number with too many digits") from None
+    for line, loc, first in duplicates:
+        raise ConfigError(f"{path}:{line}: {_where(loc)}: duplicate key (first at line {first})")
     if data is None:
         data = {}
     if not isinstance(data, dict):

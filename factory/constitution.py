@@ -279,6 +279,8 @@ def _read(path: Path) -> tuple[Any, yaml.Node | None]:
         raise ConstitutionError(f"{path}: invalid YAML: {e}") from None
     except RecursionError:  # PyYAML builds nested collections recursively
         raise ConstitutionError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError:  # an integer past Python's 4300-digit limit for reading integers
+        raise ConstitutionError(f"{path}: invalid YAML: a number with too many digits") from None
     if root is not None:
         for line, loc, first in _duplicate_keys(root):
             raise ConstitutionError(f"{path}:{line}: {_where(loc, data)}: duplicate key (first at line {first})")

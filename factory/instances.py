@@ -115,7 +115,8 @@ def _render(inst: Instance, number: int, is_classification: bool) -> str:
 
 
 FIELD = re.compile(r"^\s*(input|output|class label)\s*:\s?(.*)$", re.IGNORECASE)
-HEADER = re.compile(r"^\s*example\s*\d+\s*:?\s*$", re.IGNORECASE)
+# Each run of spaces can match only one way ("\s*:?\s*" could split it anywhere: quadratic on long runs).
+HEADER = re.compile(r"^\s*example\s*\d+\s*(?::\s*)?$", re.IGNORECASE)
 
 
 def parse_pairs(text: str, first: str, second: str, cut_off: bool) -> list[tuple[str | None, str | None]]:

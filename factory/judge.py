@@ -210,7 +210,7 @@ class Item:
     """None for ``samples``: drawn when the item is judged"""
 
 
-def _file_items(path: Path) -> list[tuple[str, Messages, list[str]]]:
+def file_items(path: Path) -> list[tuple[str, Messages, list[str]]]:
     """(id, messages, responses) from a JSONL of {"prompt": text or messages, "responses": [...], "id"?}."""
     out = []
     for number, obj in input_objects(path, "an object with 'prompt' and 'responses'"):
@@ -241,7 +241,7 @@ def load_items(cfg: RunConfig, run_dir: Path, settings: dict) -> list[Item]:
         raw = [(r.key, [{"role": "user", "content": r.prompt}], [r.initial, r.final])
                for r in Store(path, Revision).records()]
     elif jc.candidates == "file":
-        raw = _file_items(jc.responses)
+        raw = file_items(jc.responses)
     else:
         raw = [(pid, [{"role": "user", "content": text}], None) for pid, text in load_prompts(jc.prompts, None, run_dir)]
     items, seen = [], set()

@@ -10,10 +10,10 @@ from typing import Callable
 from factory.config import TRAIN_STAGES, RunConfig
 from factory.bootstrap import run_bootstrap
 from factory.constitution import load_constitution
-from factory.critique import run_critique
+from factory.critique import load_prompts, run_critique
 from factory.generate import run_generate
 from factory.instances import run_instances
-from factory.judge import run_judge
+from factory.judge import file_items, run_judge
 from factory.llm import load_backend
 from factory.llm.base import Backend
 from factory.manifest import write_manifest
@@ -70,8 +70,16 @@ def check_inputs(cfg: RunConfig) -> None:
         load_seeds(path)
     if "critique" in cfg.stages:
         load_constitution(cfg.critique.constitution)  # nothing runs on a half-valid constitution
+        if cfg.critique.prompts is not None:
+            load_prompts(cfg.critique.prompts, None, cfg.run_dir)
     if "judge" in cfg.stages:
         load_constitution(cfg.judge.constitution)
+        if cfg.judge.candidates == "file":
+            file_items(cfg.judge.responses)
+        elif cfg.judge.candidates == "samples" and cfg.judge.prompts is not None:
+            load_prompts(cfg.judge.prompts, None, cfg.run_dir)
+    if "rerank" in cfg.stages and cfg.rerank.prompts is not None:
+        load_prompts(cfg.rerank.prompts, None, cfg.run_dir)
     made_here = cfg.run_dir / "instructions.jsonl"
     if "instances" in cfg.stages and "bootstrap" not in cfg.stages and not made_here.is_file():
         raise FileNotFoundError(f"{made_here}: no instructions to write instances for; run the bootstrap stage first")

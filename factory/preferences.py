@@ -122,6 +122,10 @@ def _json_line(raw: bytes) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise _Bad("invalid_json", f"invalid JSON ({e.msg} at column {e.colno}); expected one object per line") from None
+    except ValueError:  # a number past Python's 4300-digit limit for reading integers
+        raise _Bad("invalid_json", "invalid JSON (a number with too many digits); expected one object per line") from None
+    except RecursionError:
+        raise _Bad("invalid_json", "invalid JSON (nested too deeply); expected one object per line") from None
 
 
 def _kind(v: Any) -> str:
@@ -143,6 +147,13 @@ def _text(obj: Any, key: str, expected: str) -> str:
     except UnicodeEncodeError:  # JSON's \ud800-style escapes can smuggle in lone surrogates
         raise _Bad("invalid_unicode", f"{key!r} holds a lone surrogate escape; expected valid Unicode text") from None
     return value
+
+
+def _finite(x: int | float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond any float: no vote count, and vote_probability could not use it
+        return False
 
 
 def import_hh(path: Path, *, skip_bad: bool = False) -> tuple[list[Preference], Counter[str]]:
@@ -225,7 +236,7 @@ def import_votes(path: Path, *, min_gap: float = 1.0, skip_bad: bool = False) ->
         for i, answer in enumerate(answers):
             text = _text(answer, "text", f"answers[{i}] to be an object with \"text\" and \"score\"")
             score = answer.get("score")
-            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not _finite(score):
                 raise _Bad("bad_score", f"answers[{i}].score is {score!r}; expected a finite number")
             scored.append((text.strip(), score))
         msgs = [{"role": "user", "content": prompt}]

@@ -94,8 +94,16 @@ def _parse(path: Path, number: int, line: str) -> dict[str, Any]:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         raise SeedError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except ValueError:  # a number past Python's 4300-digit limit for reading integers
+        raise SeedError(f"{path}:{number}: invalid JSON: a number with too many digits") from None
+    except RecursionError:
+        raise SeedError(f"{path}:{number}: invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise SeedError(f"{path}:{number}: expected a JSON object (a seed task), got {_json_type(obj)}")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a \ud800-style escape: no record holding it could be written
+        raise SeedError(f"{path}:{number}: a lone surrogate escape (such as \\ud800); expected valid Unicode text") from None
     return obj
 
 

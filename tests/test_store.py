@@ -161,7 +161,7 @@ def test_failed_write_raises_store_error_and_keeps_what_was_written(tmp_path):
     try:
         if os.access(path, os.W_OK):
             pytest.skip("running as root: a read-only file is still writable")
-        with pytest.raises(StoreError, match=f"^{path}: write failed: .*Permission denied"):
+        with pytest.raises(StoreError, match=f"^{path}: write failed, the records before it are intact: .*Permission denied"):
             store.append([gen("b")])
     finally:
         path.chmod(0o644)
@@ -174,7 +174,7 @@ def test_unwritable_folder_raises_store_error_naming_the_file(tmp_path):
     path = tmp_path / "run" / "out.jsonl"
     store = Store(path, Generation)
     (tmp_path / "run").write_text("a file where the run folder should be")
-    with pytest.raises(StoreError, match=f"^{path}: write failed: "):
+    with pytest.raises(StoreError, match=f"^{path}: write failed, the records before it are intact: "):
         store.append([gen("a")])
     assert len(store) == 0
     with pytest.raises(StoreError, match=f"^{path}: cannot read: .*Not a directory"):

@@ -10,10 +10,12 @@ Every backend takes a *batch* of requests per call; batching is where the speed 
 from __future__ import annotations
 
 import math
+import re
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 Message = dict[str, str]
 Messages = list[Message]
 
@@ -71,6 +73,13 @@ class Completion(BaseModel):
     """``stop``: the model ended or hit a stop string; ``length``: cut by ``max_tokens``."""
     tokens: int = 0
     """new tokens generated (0 where the backend does not say)."""
+
+    @field_validator("text")
+    @classmethod
+    def _valid_utf8(cls, v: str) -> str:
+        # JSON may carry a lone surrogate ("\ud800") that no UTF-8 file can hold: it would crash the
+        # write of the record. It becomes U+FFFD, as any decoder turns bytes it cannot read.
+        return _SURROGATE.sub("\ufffd", v)
 
 
 @runtime_checkable
