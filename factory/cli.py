@@ -1,7 +1,8 @@
 """The ``factory`` command: one thin command per stage, plus run and setup helpers.
 
-User errors (bad config, missing file, unreachable server) exit with code 2 and a
-one-paragraph message naming the file, key or server; never a traceback.
+User errors (bad config, missing file, unreachable server, full disk) exit with code 2
+and a one-paragraph message naming the file, key or server; never a traceback. Exit
+code 3 means the run finished but some items failed for good (see factory.failures).
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def cli():
     Every stage reads and writes JSONL in one run folder, outputs/<run>/, and can be
     killed and restarted at any point without losing or repeating work. Start with
     `factory run configs/demo.toml`.
+
+    Exit codes: 0 done; 2 a problem you can fix (bad input, wrong key or URL, a full
+    disk), named in the message; 3 done, but the model server failed for good on some
+    items, logged in RUN/failures.jsonl: the same command again retries only them.
     """
 
 

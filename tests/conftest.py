@@ -205,3 +205,21 @@ def tiny_model(embedded_dir: Path, tmp_path_factory) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     return folder
+
+
+# ---- figures: the counts the reliability tests print, gathered at the end of every run -------------
+
+FIGURES: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    """Keep the ``FIGURES ...`` lines a test printed (kill points, HTTP faults, malformed inputs tried)."""
+    if report.when == "call":
+        FIGURES.extend(line for line in report.capstdout.splitlines() if line.startswith("FIGURES"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("figures (what the reliability tests tried)")
+        for line in FIGURES:
+            terminalreporter.write_line(line.removeprefix("FIGURES "))
