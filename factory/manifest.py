@@ -57,7 +57,7 @@ def write_manifest(run_dir: Path, cfg: RunConfig, backend: dict[str, Any], input
         "history": history,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{NAME}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{NAME}.tmp")  # fixed: a kill's leftover is overwritten by the next run
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)

@@ -280,7 +280,9 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open() here, unlike mkstemp, honours the umask
+    # A fixed name (one writer per run folder): a temporary file left by a killed run is simply
+    # overwritten by the next, not left behind. open() here, unlike mkstemp, honours the umask.
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             for row in rows:
