@@ -27,7 +27,7 @@ from factory.constitution import Constitution, Principle, load_constitution, ren
 from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import ChatExample, PreferencePair, Revision, Round, Task, file_sha256, work_key
-from factory.store import Store, StoreError, input_objects
+from factory.store import Store, StoreError, fixed_batches, input_objects
 from factory.summary import StageSummary
 
 OUTPUT = "revisions.jsonl"
@@ -128,8 +128,8 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
     written = 0
     failures = Failures(run_dir, "critique")
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="critique", unit="prompt") as bar:
-        for start in range(0, len(todo), cfg.backend.batch_size):
-            batch = [_Work(*it) for it in todo[start : start + cfg.backend.batch_size]]
+        for start, todo_batch in fixed_batches(items, cfg.backend.batch_size, lambda it: it[0] in store):
+            batch = [_Work(*it) for it in todo_batch]
             bar_step = len(batch)
             seed = cc.seed + start
 

@@ -23,7 +23,7 @@ from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import Instance, Instruction, SeedTask, Task, file_sha256, work_key
 from factory.seeds import load_seeds
-from factory.store import Store
+from factory.store import Store, fixed_batches
 from factory.summary import StageSummary
 
 INPUT = "instructions.jsonl"
@@ -232,8 +232,8 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     failures = Failures(run_dir, "instances")
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="instances", unit="task") as bar:
-        for start in range(0, len(todo), cfg.backend.batch_size):
-            batch = todo[start : start + cfg.backend.batch_size]
+        for start, batch in fixed_batches(items, cfg.backend.batch_size, lambda it: it[0] in store):
+            bar_step = len(batch)
             # 1. Classification or not: a soft label from the Yes/No log-probabilities. An item whose
             #    request failed for good drops out here (and at step 2); the next run does it again.
             asks = [classify_prompt(r.instruction) for _, r in batch]
@@ -275,7 +275,7 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                 )
             written += store.append(records)
             failures.flush()
-            bar.update(min(cfg.backend.batch_size, len(todo) - start))
+            bar.update(bar_step)
     tasks = store.records()
     keys = {k for k, _ in items}
     mine = [t for t in tasks if t.key in keys]

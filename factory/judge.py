@@ -36,7 +36,7 @@ from factory.failures import Failures
 from factory.llm.base import Backend, BatchIncomplete, GenParams, Messages
 from factory.preferences import FORMATS, prompt_text, write_jsonl
 from factory.records import Comparison, Judgment, Preference, Revision, file_sha256, work_key
-from factory.store import Store, StoreError, input_objects
+from factory.store import Store, StoreError, fixed_batches, input_objects
 from factory.summary import StageSummary
 
 OUTPUT = "judgments.jsonl"
@@ -293,8 +293,7 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backen
     failures = Failures(run_dir, "judge")
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="judge", unit="prompt") as bar:
-        for start in range(0, len(todo), per_batch):
-            batch = todo[start : start + per_batch]
+        for start, batch in fixed_batches(items, per_batch, lambda it: it.key in store):
             bar_step = len(batch)
             if jc.candidates == "samples":
                 # 1. Sample the candidates (n per prompt). An item whose request failed for good

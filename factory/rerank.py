@@ -22,7 +22,7 @@ from factory.critique import load_prompts
 from factory.failures import Failures
 from factory.llm.base import Backend
 from factory.records import Record, file_sha256, work_key
-from factory.store import Store
+from factory.store import Store, fixed_batches
 from factory.summary import StageSummary
 
 OUTPUT = "rerank.jsonl"
@@ -99,8 +99,7 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
     failures = Failures(run_dir, "rerank")
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="rerank", unit="prompt") as bar:
-        for start in range(0, len(todo), per_batch):
-            batch = todo[start : start + per_batch]
+        for start, batch in fixed_batches(items, per_batch, lambda it: it[0] in store):
             bar_step = len(batch)
             # 1. Sample n responses per prompt (a prompt whose request failed for good is left for the next run).
             params = rc.params.model_copy(update={"n": rc.n, "seed": rc.seed + start})

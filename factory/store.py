@@ -17,13 +17,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Generic, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from pydantic import ValidationError
 
 from factory.records import Record
 
 R = TypeVar("R", bound=Record)
+T = TypeVar("T")
 
 
 WRITE_HINTS = {  # what to do about a failed write, by errno
@@ -85,6 +86,19 @@ def input_objects(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
         if not isinstance(obj, dict):
             raise StoreError(f"{path}:{number}: expected {expected}")
         yield number, obj
+
+
+def fixed_batches(items: Sequence[T], size: int, done: Callable[[T], bool]) -> Iterator[tuple[int, list[T]]]:
+    """(offset, the items not done) of each ``size``-slice of ``items``; slices done whole are skipped.
+
+    Batches are cut from the full item list, not from what is left to do: a batch lost to a kill
+    is asked again with the same items and, as the stages seed each batch by its offset, the same
+    seed, so a resumed run writes the text an uninterrupted one would have.
+    """
+    for start in range(0, len(items), size):
+        batch = [it for it in items[start : start + size] if not done(it)]
+        if batch:
+            yield start, batch
 
 
 def _scan(path: Path, model: type[R]) -> tuple[list[R], int, int]:

@@ -353,8 +353,11 @@ def base_config(stage: str, spec: str, batch_size: int) -> dict:
 
 
 def run_data_stage(server, seed, stage: str, config: dict, folder: Path, exempt: frozenset[str] = frozenset(),
-                   inputs=None) -> dict:
-    """The kill series of a data stage, with every check; prints and returns its figures."""
+                   inputs=None, same_records: bool = False) -> dict:
+    """The kill series of a data stage, with every check; prints and returns its figures.
+
+    ``same_records``: the killed series must write the very records of the uninterrupted run, texts
+    included (batches are cut at fixed offsets of the item list and seeded by them)."""
     from kill_driver import primary_file
     from factory.config import load_config
 
@@ -376,6 +379,17 @@ def run_data_stage(server, seed, stage: str, config: dict, folder: Path, exempt:
           f"units={figures['units']} seconds={figures['seconds']:.1f}")
     assert not repeated, f"{stage}: requests asked again after their result was written: {repeated[:5]}"
     assert figures["kills"] >= KILLS and lost == 0
+    if same_records:
+        from factory.store import read_jsonl
+
+        def records(run_dir: Path) -> dict:
+            return {r.key: r.model_dump() for r in read_jsonl(run_dir / primary, record_types()[primary])}
+
+        want = records(folder / "reference")
+        for run_dir in figures["dirs"]:
+            got = records(run_dir)
+            differ = [k for k in want if got[k] != want[k]]
+            assert not differ, f"{stage}: {len(differ)} of {len(want)} records differ from the uninterrupted run's"
     return figures
 
 
@@ -452,7 +466,8 @@ def test_instances(server, seed, tmp_path, tiny_model):
             for q in QUESTIONS]
     # Calibration scores seed tasks on every run that has work left: by design, not for an item.
     exempt = frozenset(request_hash(classify_prompt(t.instruction)) for t in load_seeds(seeds))
-    run_data_stage(server, seed, "instances", config, tmp_path, exempt, seeded_inputs("instructions.jsonl", rows))
+    run_data_stage(server, seed, "instances", config, tmp_path, exempt, seeded_inputs("instructions.jsonl", rows),
+                   same_records=True)
 
 
 @pytest.mark.slow
@@ -461,7 +476,7 @@ def test_critique(server, seed, tmp_path, tiny_model):
     config = base_config("critique", f"hf:{tiny_model}", 2)
     config["critique"] = {"constitution": str(ROOT / "principles" / "harmless.yaml"), "prompts": str(prompts_file(tmp_path)),
                           "few_shot": 0, "skip_unchanged": True, "pairs": True, "params": {"max_tokens": 8}}
-    run_data_stage(server, seed, "critique", config, tmp_path)
+    run_data_stage(server, seed, "critique", config, tmp_path, same_records=True)
 
 
 @pytest.mark.slow
@@ -477,7 +492,7 @@ def test_judge(server, seed, tmp_path, tiny_model):
     config = base_config("judge", f"hf:{tiny_model}", 2)
     config["judge"] = {"constitution": str(ROOT / "principles" / "harmless.yaml"), "candidates": "file",
                        "responses": str(responses), "principles": 1}
-    run_data_stage(server, seed, "judge", config, tmp_path)
+    run_data_stage(server, seed, "judge", config, tmp_path, same_records=True)
 
 
 @pytest.fixture(scope="module")
@@ -501,7 +516,7 @@ def test_rerank(server, seed, tmp_path, tiny_model, reward_dir):
     config = base_config("rerank", f"hf:{tiny_model}", 2)
     config["rerank"] = {"prompts": str(prompts_file(tmp_path)), "reward_model": str(reward_dir), "n": 2,
                         "device": "cpu", "max_length": 64, "params": {"max_tokens": 8}}
-    run_data_stage(server, seed, "rerank", config, tmp_path)
+    run_data_stage(server, seed, "rerank", config, tmp_path, same_records=True)
 
 
 # -- trainers -------------------------------------------------------------------------------------
