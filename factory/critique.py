@@ -132,16 +132,13 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
             batch = [_Work(*it) for it in todo_batch]
             bar_step = len(batch)
             seed = cc.seed + start
+            # An item whose request fails for good leaves the batch at that step; the next run redoes it.
 
-            def ask(fn, requests, work, *args):
-                # An item whose request failed for good leaves the batch here; the next run redoes it.
-                if not work:
-                    return []
-                results = failures.call(fn, requests, [w.key for w in work], *args)
-                return [(w, res) for w, res in zip(work, results) if res is not None]
+            def ask(fn, work: list[_Work], requests, *args) -> list[tuple[_Work, list]]:
+                return failures.kept(fn, work, [w.key for w in work], requests, *args)
 
             # 1. The model's own first answer.
-            firsts = ask(backend.generate, [[{"role": "user", "content": w.text}] for w in batch], batch,
+            firsts = ask(backend.generate, batch, [[{"role": "user", "content": w.text}] for w in batch],
                          params.model_copy(update={"seed": seed}))
             batch = [w for w, _ in firsts]
             for w, c in firsts:
@@ -152,23 +149,23 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
                 asks = {w.key: critique_messages(few_shot_turns(constitution, cc.few_shot, drawn[w.key]), w.text,
                                                  w.latest, drawn[w.key]) for w in batch}
                 # 3. Critique the latest response under it.
-                got = ask(backend.generate, [asks[w.key] for w in batch], batch,
+                got = ask(backend.generate, batch, [asks[w.key] for w in batch],
                           params.model_copy(update={"seed": seed + 1 + 2 * r}))
                 batch = [w for w, _ in got]
                 critiques = {w.key: c[0].text for w, c in got}
                 # 4. Optionally ask whether the critique wants a change at all: a soft Yes/No, not parsed text.
                 p_change: dict[str, float | None] = dict.fromkeys(critiques)
                 if cc.skip_unchanged:
-                    scored = ask(backend.option_logprobs,
-                                 [change_messages(asks[w.key], critiques[w.key]) for w in batch], batch, ["Yes", "No"])
+                    scored = ask(backend.option_logprobs, batch,
+                                 [change_messages(asks[w.key], critiques[w.key]) for w in batch], ["Yes", "No"])
                     batch = [w for w, _ in scored]
                     p_change = {w.key: math.exp(sc["Yes"]) for w, sc in scored}
                 revise = [w for w in batch if p_change[w.key] is None or p_change[w.key] >= cc.skip_threshold]
                 # 5. Revise, given the critique.
                 revision_asks = {w.key: revision_messages(asks[w.key], critiques[w.key], w.text, w.latest,
                                                           drawn[w.key]) for w in revise}
-                revised = ask(backend.generate, [revision_asks[w.key] for w in revise], revise,
-                              params.model_copy(update={"seed": seed + 2 + 2 * r})) if revise else []
+                revised = ask(backend.generate, revise, [revision_asks[w.key] for w in revise],
+                              params.model_copy(update={"seed": seed + 2 + 2 * r}))
                 new_text = {w.key: c[0].text for w, c in revised}
                 batch = [w for w in batch if w.key not in failures]
                 for w in batch:

@@ -22,6 +22,7 @@ from factory.store import Store
 
 FILE = "failures.jsonl"
 R = TypeVar("R")
+T = TypeVar("T")
 
 
 class Failures:
@@ -42,6 +43,14 @@ class Failures:
             for i, reason in e.reasons.items():
                 self.fail(items[i], reason)
             return e.results
+
+    def kept(self, fn: Callable[..., list[R]], items: Sequence[T], keys: Sequence[str], requests: Sequence,
+             *args) -> list[tuple[T, R]]:
+        """(item, result) of each item whose request got through, in order: ``call`` with the failed
+        ones dropped, so the stage goes on with the rest. No items, no call."""
+        if not items:
+            return []
+        return [(it, res) for it, res in zip(items, self.call(fn, requests, keys, *args)) if res is not None]
 
     def fail(self, item: str, reason: str) -> None:
         self.reasons.setdefault(item, reason)  # the first failure is the cause; later steps never ran

@@ -45,7 +45,9 @@ def run_generate(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
         for start in range(0, len(todo), cfg.backend.batch_size):
             batch = todo[start : start + cfg.backend.batch_size]
             # Each sample is its own request (n=1): a half-done task asks only for what is missing.
-            completions = failures.call(backend.generate, [m for _, _, m in batch], [k for k, _, _ in batch], params_one)
+            # An item whose request failed for good is logged and left out; the next run asks again.
+            completions = failures.kept(backend.generate, batch, [k for k, _, _ in batch], [m for _, _, m in batch],
+                                        params_one)
             records = [
                 Generation(
                     key=key,
@@ -56,8 +58,7 @@ def run_generate(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
                     model=backend.model_id,
                     params=settings["params"],
                 )
-                for (key, task, messages), c in zip(batch, completions)
-                if c is not None
+                for (key, task, messages), c in completions
             ]
             written += store.append(records)
             failures.flush()

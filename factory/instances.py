@@ -236,10 +236,9 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
             bar_step = len(batch)
             # 1. Classification or not: a soft label from the Yes/No log-probabilities. An item whose
             #    request failed for good drops out here (and at step 2); the next run does it again.
-            asks = [classify_prompt(r.instruction) for _, r in batch]
-            scores = failures.call(backend.option_logprobs, asks, [k for k, _ in batch], ["Yes", "No"])
-            kept = [(it, math.exp(s["Yes"])) for it, s in zip(batch, scores) if s is not None]
-            batch, p_yes = [it for it, _ in kept], [p for _, p in kept]
+            scored = failures.kept(backend.option_logprobs, batch, [k for k, _ in batch],
+                                   [classify_prompt(r.instruction) for _, r in batch], ["Yes", "No"])
+            batch, p_yes = [it for it, _ in scored], [math.exp(s["Yes"]) for _, s in scored]
             kinds = [p >= threshold for p in p_yes]
             # 2. Instances, output-first for classification tasks, input-first otherwise.
             prompts = []
@@ -247,13 +246,10 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
                 rng = random.Random(f"{ic.seed}:{r.instruction}")
                 examples = rng.sample(by_kind[kind], min(ic.few_shot, len(by_kind[kind])))
                 prompts.append(instance_prompt(r.instruction, kind, examples))
-            replies = failures.call(backend.generate, prompts, [k for k, _ in batch],
-                                    params.model_copy(update={"seed": ic.seed + start})) if prompts else []
+            replies = failures.kept(backend.generate, list(zip(batch, p_yes, kinds)), [k for k, _ in batch], prompts,
+                                    params.model_copy(update={"seed": ic.seed + start}))
             records = []
-            for (key, r), p, kind, completions in zip(batch, p_yes, kinds, replies):
-                if completions is None:
-                    continue
-                reply = completions[0]
+            for ((key, r), p, kind), (reply,) in replies:
                 parsed, rejected = parse_instances(reply.text, kind, reply.finish_reason == "length")
                 kept, more, dropped = filter_instances(parsed, ic.max_instances)
                 records.append(

@@ -299,11 +299,11 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backen
                 # 1. Sample the candidates (n per prompt). An item whose request failed for good
                 #    leaves the batch, here or at step 3; the next run does it again.
                 params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
-                sampled = failures.call(generator.generate, [it.messages for it in batch], [it.key for it in batch],
-                                        params)
-                for it, completions in zip(batch, sampled):
-                    it.responses = None if completions is None else [c.text for c in completions]
-                batch = [it for it in batch if it.responses is not None]
+                sampled = failures.kept(generator.generate, batch, [it.key for it in batch],
+                                        [it.messages for it in batch], params)
+                for it, completions in sampled:
+                    it.responses = [c.text for c in completions]
+                batch = [it for it, _ in sampled]
             # 2. Principles for each prompt, drawn by weight; identical responses are dropped.
             groups = [Group(it.messages, _distinct(it.responses),
                             draw_principles(constitution, random.Random(f"{jc.seed}:{it.key}"), jc.principles))

@@ -103,10 +103,10 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
             bar_step = len(batch)
             # 1. Sample n responses per prompt (a prompt whose request failed for good is left for the next run).
             params = rc.params.model_copy(update={"n": rc.n, "seed": rc.seed + start})
-            sampled = failures.call(backend.generate, [[{"role": "user", "content": text}] for _, _, text in batch],
-                                    [key for key, _, _ in batch], params)
-            batch = [it for it, completions in zip(batch, sampled) if completions is not None]
-            responses = [[c.text for c in completions] for completions in sampled if completions is not None]
+            sampled = failures.kept(backend.generate, batch, [key for key, _, _ in batch],
+                                    [[{"role": "user", "content": text}] for _, _, text in batch], params)
+            batch = [it for it, _ in sampled]
+            responses = [[c.text for c in completions] for _, completions in sampled]
             # 2. Score every prompt + response with the reward model, read where training read it
             #    (the reply's end-of-turn token); a prompt's n replies share its computation.
             conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": r}]

@@ -23,7 +23,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import httpx
 
-from factory.llm.base import BackendError, BatchIncomplete, Completion, RequestFailed, GenParams, Messages, check_options, cut_at_stop, normalise
+from factory.llm.base import (BackendError, BatchIncomplete, Completion, GenParams, Messages, RequestFailed,
+                               check_options, cut_at_stop, normalise)
 
 log = logging.getLogger(__name__)
 
