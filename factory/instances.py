@@ -189,7 +189,8 @@ def filter_instances(instances: list[Instance], limit: int) -> tuple[list[Instan
             rejected["duplicate_instance"] += 1
         else:
             kept.append(Instance(input=inp, output=out))
-            outputs_by_input.setdefault(inp, set()).add(out)
+            if inp:  # no input is not a shared input: open tasks ("write a poem") have many right answers
+                outputs_by_input.setdefault(inp, set()).add(out)
     if any(len(outs) > 1 for outs in outputs_by_input.values()):
         return [], rejected, "conflicting_outputs"  # the same input with two answers: the task is ill-posed
     if len(kept) > limit:

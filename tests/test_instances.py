@@ -80,6 +80,24 @@ def test_same_input_with_two_outputs_drops_the_task():
     assert filter_instances([Instance(input="x", output="")], 5)[2] == "no_instances"
 
 
+def test_tasks_without_input_keep_their_instances():
+    # The seed shape of an open task ("Suggest three quick breakfasts"): every example has no input
+    # and a different output. An empty input is not an input the examples share: the task is kept,
+    # its examples deduplicated by output (issue 15, point 1).
+    reply = (" <none>\nOutput: Oats soaked overnight.\n\nExample 2\nInput: <none>\nOutput: Toast with jam."
+             "\n\nExample 3\nInput: <none>\nOutput: Oats soaked overnight.\n\nExample 4\nInput: <none>\n"
+             "Output: A banana.")
+    parsed, rej = parse_instances(reply, False, False)
+    assert [i.input for i in parsed] == ["", "", "", ""] and not rej
+    kept, rej, dropped = filter_instances(parsed, 5)
+    assert dropped is None
+    assert [i.output for i in kept] == ["Oats soaked overnight.", "Toast with jam.", "A banana."]
+    assert rej == {"duplicate_instance": 1}
+    # A shared non-empty input with two answers still drops the task, even beside no-input examples.
+    mixed = parsed + [Instance(input="x", output="1"), Instance(input="x", output="2")]
+    assert filter_instances(mixed, 9)[2] == "conflicting_outputs"
+
+
 @pytest.fixture
 def run_cfg(tmp_path):
     seeds = tmp_path / "seeds.jsonl"

@@ -112,6 +112,37 @@ def chat_text(tokenizer, messages: Messages) -> str:
     )
 
 
+_TURN_MARK = "factoryreplyends"
+
+
+def end_of_turn_ids(tokenizer, generation_config=None) -> list[int]:
+    """The ids that end the assistant's turn: where a reply stops, is scored, is learned to stop.
+
+    EOS alone is not enough: Gemma's turn ends with ``<end_of_turn>`` and ChatML's with
+    ``<|im_end|>``, which some models (Qwen's base models) keep apart from their EOS
+    ``<|endoftext|>``. The set is the tokenizer's EOS, the generation config's ``eos_token_id``
+    (an id or a list) and the first special token the chat template writes after an assistant
+    message. Derived once per tokenizer; the sampler, the SFT mask, the reward model and PPO all
+    read the same set.
+    """
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    gen = getattr(generation_config, "eos_token_id", None)
+    ids.update(i for i in (gen if isinstance(gen, (list, tuple)) else [gen]) if i is not None)
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": _TURN_MARK}], tokenize=False)
+    except Exception:  # a template that refuses this shape: EOS and the generation config decide alone
+        text = ""
+    if _TURN_MARK in text:
+        tail = tokenizer(text[text.rindex(_TURN_MARK) + len(_TURN_MARK):], add_special_tokens=False)["input_ids"]
+        special = set(tokenizer.all_special_ids) | {
+            i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+        ids.update(next(([i] for i in tail if i in special), []))
+    return sorted(ids)
+
+
 def check_options(options: Sequence[str]) -> list[str]:
     """Refuse a pool of options that cannot be scored: empty, blank or repeated strings."""
     opts = list(options)
@@ -122,6 +153,33 @@ def check_options(options: Sequence[str]) -> list[str]:
     if len(set(opts)) != len(opts):
         raise ValueError(f"options must be distinct, got {opts!r}")
     return opts
+
+
+def _shared_start(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)
+
+
+def option_sequences(tokenizer, text: str, options: Sequence[str]) -> tuple[int, list[list[int]]]:
+    """(``start``, one id sequence per option): how to score ``options`` as the model would write them
+    right after the rendered prompt ``text``.
+
+    Each sequence is ``text + option`` tokenised at once, exactly the ids a model reading that text
+    sees; the option's log-probability is the sum over the ids from ``start`` on. An option tokenised
+    on its own and appended can differ from that: a SentencePiece (Metaspace) tokenizer writes "A"
+    alone as "▁A", while after "Answer: (" the text continues with a bare "A"; a byte-level BPE merges
+    a trailing space of the prompt into " A". ``start`` is where every sequence still agrees with the
+    prompt's own ids; when the last prompt token merges with an option, it lies before the prompt's
+    end, and the shared tokens up to it count the same for every option, so normalising over the pool
+    cancels them.
+    """
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    seqs = [tokenizer(text + o, add_special_tokens=False)["input_ids"] for o in options]
+    start = min(_shared_start(prompt, s) for s in seqs)
+    # Every option must add at least one token of its own past the shared start.
+    if any(len(s) <= start for s in seqs):
+        raise BackendError(f"options {list(options)!r} add no token to the prompt; cannot score them")
+    return start, seqs
 
 
 def normalise(scores: dict[str, float]) -> dict[str, float]:

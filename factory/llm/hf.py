@@ -9,12 +9,24 @@ logits of the option tokens.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from factory.llm.base import BackendError, Completion, GenParams, Messages, chat_text, check_options, cut_at_stop, normalise
+from factory.llm.base import (
+    BackendError,
+    Completion,
+    GenParams,
+    Messages,
+    chat_text,
+    check_options,
+    cut_at_stop,
+    end_of_turn_ids,
+    normalise,
+    option_sequences,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIN_SHARED_PREFIX = 16  # tokens; below this a separate prefix pass costs more than it saves
@@ -93,9 +105,9 @@ class HFBackend:
         self.model.eval()  # dropout off: sampling and scoring must not be noisy
         if self.tokenizer.chat_template is None:
             raise BackendError(f"model {model!r} has no chat template; factory sends chat messages")
-        gen_eos = self.model.generation_config.eos_token_id
-        eos = {self.tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        self.eos_ids = sorted(i for i in eos if i is not None)
+        # Generation stops at the end of the assistant's turn, which is not always EOS (Gemma's
+        # <end_of_turn>, ChatML's <|im_end|> beside an <|endoftext|> EOS).
+        self.eos_ids = end_of_turn_ids(self.tokenizer, self.model.generation_config)
         if not self.eos_ids:
             raise BackendError(f"model {model!r} declares no end-of-sequence token")
         pad = self.tokenizer.pad_token_id
@@ -171,29 +183,33 @@ class HFBackend:
 
     def option_logprobs(self, requests: Sequence[Messages], options: Sequence[str]) -> list[dict[str, float]]:
         opts = check_options(options)
-        # Each option is tokenised on its own and appended to the prompt's ids, exactly as
-        # the model would have to emit it after the generation prompt.
-        opt_ids = [self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts]
-        prompts = [self.encode(r) for r in requests]
-        scores = [[0.0] * len(opts) for _ in prompts]
-        if all(len(o) == 1 for o in opt_ids):
-            # Single-token options (A/B, Yes/No): one row per prompt, all options read from
-            # its last logits; a row per (prompt, option) would run every prompt k times.
-            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                last = self._forward([prompts[i] for i in chunk], keep=1)[:, -1]
-                picked = last[:, [o[0] for o in opt_ids]].tolist()
-                for i, row in zip(chunk, picked):
-                    scores[i] = row
-            return [normalise(dict(zip(opts, row))) for row in scores]
+        # Each option is scored as the ids of prompt + option tokenised at once (``option_sequences``):
+        # the ids the model would emit in context, not the option tokenised on its own.
+        scores = [[0.0] * len(opts) for _ in requests]
+        single: list[tuple[int, list[int], list[int]]] = []  # (request, prompt ids, one id per option)
+        pairs: list[tuple[int, int, list[int], list[int]]] = []  # (request, option, shared start, option ids)
+        for i, r in enumerate(requests):
+            text = chat_text(self.tokenizer, r)
+            start, seqs = option_sequences(self.tokenizer, text, opts)
+            if all(len(s) == start + 1 for s in seqs):  # they agree on the first ``start`` ids
+                single.append((i, seqs[0][:start], [s[start] for s in seqs]))
+            else:
+                pairs += [(i, k, s[:start], s[start:]) for k, s in enumerate(seqs)]
+        # Single-token options (A/B, Yes/No): one row per prompt, all options read from its last
+        # logits; a row per (prompt, option) would run every prompt k times.
+        single.sort(key=lambda row: -len(row[1]))
+        for b in range(0, len(single), self.batch_size):
+            chunk = single[b : b + self.batch_size]
+            last = self._forward([p for _, p, _ in chunk], keep=1)[:, -1]
+            for row, (i, _, ids) in enumerate(chunk):
+                scores[i] = last[row, ids].tolist()
         # Longest first, as in generate: similar lengths share a batch.
-        pairs = sorted(((p, k) for p in range(len(prompts)) for k in range(len(opts))), key=lambda pk: -len(prompts[pk[0]]))
-        for start in range(0, len(pairs), self.batch_size):
-            chunk = pairs[start : start + self.batch_size]
-            logps = self._score_batch([prompts[p] for p, _ in chunk], [opt_ids[k] for _, k in chunk])
-            for (p, k), lp in zip(chunk, logps):
-                scores[p][k] = lp
+        pairs.sort(key=lambda pk: -len(pk[2]))
+        for b in range(0, len(pairs), self.batch_size):
+            chunk = pairs[b : b + self.batch_size]
+            logps = self._score_batch([p for _, _, p, _ in chunk], [o for _, _, _, o in chunk])
+            for (i, k, _, _), lp in zip(chunk, logps):
+                scores[i][k] = lp
         return [normalise(dict(zip(opts, row))) for row in scores]
 
     def _score_batch(self, prompts: list[list[int]], options: list[list[int]]) -> list[float]:
@@ -240,6 +256,9 @@ class HFBackend:
         return torch.log_softmax(logits.float(), dim=-1)
 
     def close(self) -> None:
+        # Dropping the reference frees nothing while a cycle still holds the model: collect first,
+        # then hand the cached blocks back so the next engine or trainer finds the GPU empty.
         self.model = None
+        gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
