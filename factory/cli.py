@@ -84,13 +84,20 @@ pickle_opt = click.option(
     help="Load pickle-based weights (pytorch_model.bin) and old pickle checkpoints (sets allow_pickle). "
     "Unpickling can run code hidden in a file: only for files you trust.",
 )
+remote_code_opt = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="vllm: run the Python code a model repository ships (sets backend.trust_remote_code). "
+    "That code can do anything you can: only for models you trust.",
+)
 
 
 def _load(config: Path | None, overrides: tuple[str, ...], backend: str | None, name: str | None = None,
-          allow_pickle: bool = False) -> RunConfig:
+          allow_pickle: bool = False, trust_remote_code: bool = False) -> RunConfig:
     extra = list(overrides)
     if allow_pickle:
         extra.append("allow_pickle=true")
+    if trust_remote_code:
+        extra.append("backend.trust_remote_code=true")
     if backend:
         extra.append(f"backend.spec={json.dumps(backend)}")
     if name is not None:  # an empty --name is refused by validation, not ignored
@@ -120,13 +127,14 @@ def cli():
 @backend_opt
 @name_opt
 @pickle_opt
+@remote_code_opt
 @click.option("--rounds", type=click.IntRange(min=1), help="RLAIF rounds (overrides rounds): after PPO, the "
               "trained policy answers the next round's prompts; each round in RUN/round-N/.")
 @click.option("--show", default=3, show_default=True, help="Print this many records of the last data stage at the end.")
 @click.option("--report/--no-report", "make_report", default=True, show_default=True,
               help="Write the run's report (RUN/report/index.html, as `factory report`) at the end.")
 @user_errors
-def run(config, overrides, backend, name, allow_pickle, rounds, show, make_report):
+def run(config, overrides, backend, name, allow_pickle, trust_remote_code, rounds, show, make_report):
     """Run the stages CONFIG names (TOML or YAML), in order, in one run folder.
 
     The whole loop is bootstrap -> instances -> critique -> judge -> rm -> ppo; a config
@@ -142,7 +150,8 @@ def run(config, overrides, backend, name, allow_pickle, rounds, show, make_repor
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("factory run is one process: every process would run and write the data stages. Launch "
                         "only the trainers with several processes (accelerate launch ... factory train sft|rm|ppo)")
-    cfg = _load(config, overrides + ((f"rounds={rounds}",) if rounds else ()), backend, name, allow_pickle)
+    cfg = _load(config, overrides + ((f"rounds={rounds}",) if rounds else ()), backend, name, allow_pickle,
+                trust_remote_code)
     summaries = run_stages(cfg, echo=click.echo)
     if show:
         _show_samples(round_config(cfg, cfg.rounds), show)
@@ -162,11 +171,13 @@ def stage_command(stage: str, doc: str):
     @backend_opt
     @name_opt
     @pickle_opt
+    @remote_code_opt
     @user_errors
-    def command(config, overrides, backend, name, allow_pickle):
+    def command(config, overrides, backend, name, allow_pickle, trust_remote_code):
         from factory.pipeline import run_stages
 
-        cfg = _load(config, overrides, backend, name, allow_pickle).model_copy(update={"stages": [stage]})
+        cfg = _load(config, overrides, backend, name, allow_pickle, trust_remote_code).model_copy(
+            update={"stages": [stage]})
         check_failures(run_stages(cfg, echo=click.echo), cfg.run_dir)
 
     command.__doc__ = doc

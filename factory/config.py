@@ -39,7 +39,12 @@ class BackendConfig(Strict):
         "hf:embedded",
         description="hf:embedded | hf:/path/or/hub-id | openai:http://host:port/v1#model | vllm:model | scripted",
     )
-    batch_size: int = Field(64, ge=1, description="hf/vllm: requests per forward batch")
+    batch_size: int = Field(
+        64, ge=1, description="about how many requests a stage hands the backend per call and appends to disk at "
+        "once (a crash loses at most one such batch). hf: also its forward batch (a prompt's n samples take n rows); "
+        "vllm ignores it (the engine schedules its own batches); workers > 1: each call is split across the copies; "
+        "openai: max_concurrency sets what is in flight"
+    )
     device: str = Field("auto", description="hf: auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="hf/vllm: auto = bfloat16 on a GPU, float32 on the CPU"
@@ -59,6 +64,21 @@ class BackendConfig(Strict):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
+    max_model_len: int | None = Field(
+        None, ge=1, description="vllm: the longest prompt + reply in tokens (None: the model's own context length); "
+        "a smaller one lets a long-context model start on a GPU whose KV cache cannot hold its full length. vLLM "
+        "schedules its own batches by tokens: batch_size only sizes the stages' batches, never a forward pass"
+    )
+    enforce_eager: bool = Field(
+        False, description="vllm: run the model eagerly, without CUDA graphs (starts faster and uses less memory, "
+        "generates slower)"
+    )
+    seed: int = Field(0, description="vllm: the engine's seed (a request's own seed, from the stage, takes precedence)")
+    trust_remote_code: bool = Field(
+        False, description="vllm: run the Python code a model repository ships for its architecture or tokenizer; "
+        "that code can do anything this process can, so only for models you trust (also --trust-remote-code). "
+        "Off, a model that needs it is refused"
+    )
     workers: int = Field(
         1, ge=1, description="hf/vllm: data-parallel copies of the model, each a Ray actor (pip install 'factory[ray]'); "
         "1 = one copy in this process, no Ray. Each stage batch (batch_size) is split across the copies"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
-from factory.config import TRAIN_STAGES, RunConfig
+from factory.config import TRAIN_STAGES, BackendConfig, ConfigError, RunConfig
 from factory.bootstrap import run_bootstrap
 from factory.constitution import load_constitution
 from factory.critique import load_prompts, run_critique
@@ -167,26 +169,111 @@ def carry_tasks(cfg: RunConfig, r: int) -> None:
         os.replace(tmp, target)
 
 
+ENGINE_KINDS = ("hf", "vllm")
+"""backends that hold a model in this process (on a GPU, vLLM takes most of its memory up front);
+at most one is alive at a time. openai and scripted hold nothing worth freeing."""
+
+
+def holds_engine(spec: str) -> bool:
+    return spec.partition(":")[0] in ENGINE_KINDS
+
+
+def on_gpu(bc: BackendConfig, spec: str) -> bool:
+    """Whether the backend ``spec`` names would hold GPU memory: vLLM always, hf on a CUDA device."""
+    kind = spec.partition(":")[0]
+    if kind == "vllm":
+        return True
+    if kind != "hf":
+        return False
+    if bc.workers > 1:
+        return bc.worker_gpus > 0
+    if bc.device == "auto":
+        import torch  # the hf backend is about to import it anyway
+
+        return torch.cuda.is_available()
+    return bc.device.startswith("cuda")
+
+
+def check_engines(cfg: RunConfig, echo: Callable[[str], None]) -> None:
+    """Refuse, before any model loads, a config that needs two GPU engines at once.
+
+    The only stage that does is ``judge`` with ``candidates = samples`` from round 2 on: the
+    previous round's policy samples each batch's responses and the configured model judges
+    them, batch by batch (judge.py interleaves the two), so both stay loaded for the stage.
+    Two vLLM engines do not share one GPU (each reserves ``gpu_memory_utilization`` of it at
+    start-up): that is an error. Two hf models on CUDA take only what their weights need, so
+    small ones fit: that is a warning.
+    """
+    if "judge" not in cfg.stages or cfg.judge.candidates != "samples" or cfg.rounds < 2:
+        return
+    judge, policy = cfg.backend.spec, policy_spec(cfg, 2)  # round 1's generator is the judge itself
+    if not (on_gpu(cfg.backend, judge) and on_gpu(cfg.backend, policy)):
+        return
+    what = (f"judge.candidates = samples with rounds = {cfg.rounds}: from round 2 on the previous round's policy "
+            f"({policy.partition(':')[0]}) samples the responses and {judge} judges them, batch by batch, so both "
+            "models stay loaded on the GPU during the judge stage")
+    fixes = ("judge the critique's revisions instead (judge.candidates = critique), or serve the judge with an "
+             "OpenAI-compatible server (backend.spec = openai:http://host:port/v1#model; the policy then samples "
+             "in this process through hf), or run rounds = 1")
+    if judge.startswith("vllm:"):
+        raise ConfigError(f"{what}; two vLLM engines do not fit on one GPU (each reserves "
+                          f"backend.gpu_memory_utilization = {cfg.backend.gpu_memory_utilization} of it). Fix: {fixes}")
+    echo(f"warning: {what}; this works only if both models fit in GPU memory at once. If not: {fixes}")
+
+
 class Backends:
-    """Backends by spec, each loaded on first use, and all let go before a trainer runs (on a GPU
-    a generation engine and a trainer do not fit side by side). ``given`` stands for the
-    configured spec (tests pass a scripted backend this way)."""
+    """Backends by spec, each loaded on first use; at most one engine (hf or vLLM) alive at a time.
+
+    Loading an engine lets go of the other one first (on a GPU two engines do not fit: vLLM
+    reserves most of it), and all are let go before a trainer runs. The one exception is
+    ``get(spec, beside=other)``, which keeps ``other`` loaded: the judge stage sampling with
+    one model and judging with another (see ``check_engines``). ``given`` stands for the
+    configured spec (tests pass a scripted backend this way); it belongs to the caller and is
+    never closed here. ``described`` remembers each loaded spec's model id and info, so the
+    manifest can name the judge without loading it again.
+    """
 
     def __init__(self, cfg: RunConfig, given: Backend | None = None):
-        self.cfg, self.given, self.live = cfg, given, {}
+        self.cfg, self.given = cfg, given
+        self.live: dict[str, Backend] = {}
+        self.described: dict[str, dict] = {}
 
-    def get(self, spec: str) -> Backend:
+    def get(self, spec: str, beside: str | None = None) -> Backend:
         if self.given is not None and spec == self.cfg.backend.spec:
             return self.given
         if spec not in self.live:
-            self.live[spec] = load_backend(self.cfg.backend.model_copy(update={"spec": spec}),
-                                          allow_pickle=self.cfg.allow_pickle)
+            if holds_engine(spec):
+                self.release(keep=beside, engines_only=True)
+            backend = load_backend(self.cfg.backend.model_copy(update={"spec": spec}),
+                                   allow_pickle=self.cfg.allow_pickle)
+            self.live[spec] = backend
+            self.described[spec] = {"model_id": backend.model_id, **getattr(backend, "info", {})}
         return self.live[spec]
 
-    def release(self) -> None:
-        for backend in self.live.values():
-            backend.close()
-        self.live.clear()
+    def describe(self, spec: str) -> dict:
+        """The model id (and info) of ``spec``'s backend: remembered, or loaded now to read it."""
+        if self.given is not None and spec == self.cfg.backend.spec:
+            return {"model_id": self.given.model_id, **getattr(self.given, "info", {})}
+        if spec not in self.described:
+            self.get(spec)
+        return self.described[spec]
+
+    def release(self, keep: str | None = None, engines_only: bool = False) -> None:
+        """Close the live backends (all, or the engines only), except ``keep``, and free their memory."""
+        going = [s for s in self.live if s != keep and (holds_engine(s) or not engines_only)]
+        for spec in going:
+            self.live.pop(spec).close()
+        if going:
+            free_memory()
+
+
+def free_memory() -> None:
+    """Hand what closed models and a finished trainer held back to the system, so the next
+    engine finds the GPU empty (vLLM sizes its cache from the free memory it sees at start-up)."""
+    gc.collect()
+    torch = sys.modules.get("torch")  # a run that never loaded torch does not pay for importing it
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_train(stage: str, cfg: RunConfig, echo: Callable[[str], None]) -> dict:
@@ -202,13 +289,12 @@ def run_train(stage: str, cfg: RunConfig, echo: Callable[[str], None]) -> dict:
 
 def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], None]) -> list[StageSummary | dict]:
     rcfg = round_config(cfg, r)
-    gen_spec = policy_spec(cfg, r)
-    needs = [gen_spec] * any(s in GENERATOR_STAGES for s in rcfg.stages) + [cfg.backend.spec] * ("judge" in rcfg.stages)
-    info: dict = {"spec": cfg.backend.spec}
-    if needs:  # load before the manifest so it records the model actually used
-        judge = backends.get(needs[-1])
-        info |= {"model_id": judge.model_id, **getattr(judge, "info", {})}
-    if gen_spec != cfg.backend.spec:
+    gen_spec, judge_spec = policy_spec(cfg, r), cfg.backend.spec
+    needs = [gen_spec] * any(s in GENERATOR_STAGES for s in rcfg.stages) + [judge_spec] * ("judge" in rcfg.stages)
+    info: dict = {"spec": judge_spec}
+    if needs:  # the manifest records the model actually used (remembered from an earlier load if there was one)
+        info |= backends.describe(needs[-1])
+    if gen_spec != judge_spec:
         info["generator"] = gen_spec
     write_manifest(rcfg.run_dir, rcfg, info, input_files(rcfg))
     results: list[StageSummary | dict] = []
@@ -216,9 +302,14 @@ def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], 
         if stage in TRAIN_STAGES:
             backends.release()
             summary = run_train(stage, rcfg, echo)  # a trainer says what it did itself
+            free_memory()  # the trainer's model and optimiser, before the next engine loads
         elif stage == "judge":
-            sampler = backends.get(gen_spec) if rcfg.judge.candidates == "samples" else None
-            summary = run_judge(rcfg, backends.get(cfg.backend.spec), rcfg.run_dir, generator=sampler)
+            if rcfg.judge.candidates == "samples" and gen_spec != judge_spec:
+                # Sampling and judging alternate batch by batch: both stay loaded (check_engines).
+                sampler = backends.get(gen_spec)
+                summary = run_judge(rcfg, backends.get(judge_spec, beside=gen_spec), rcfg.run_dir, generator=sampler)
+            else:  # one model samples and judges: one engine
+                summary = run_judge(rcfg, backends.get(judge_spec), rcfg.run_dir)
             echo(summary.line())
         else:
             summary = STAGE_FNS[stage](rcfg, backends.get(gen_spec), rcfg.run_dir)
@@ -233,6 +324,7 @@ def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[s
     Returns each stage's summary in order: a ``StageSummary`` for data stages, a dict for trainers.
     """
     check_inputs(round_config(cfg, 1))
+    check_engines(cfg, echo)
     backends = Backends(cfg, backend)
     summaries: list = []
     try:

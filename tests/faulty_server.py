@@ -11,7 +11,9 @@ request: ``None`` answers properly; a fault name answers with that fault instead
 - ``malformed-json``: a 200 whose body is not JSON;
 - ``truncated``: a 200 announcing more bytes than it sends, then the connection closes;
 - ``empty-choices``: a 200 with ``"choices": []``;
-- ``400``: a refusal that concerns this request alone.
+- ``400``: a refusal that concerns this request alone;
+- ``401``, ``403``, ``404``: a refusal no request gets past (a wrong key, URL or model);
+- ``503-retry-later``: a 503 with Retry-After: 60, so the client waits a minute before its retry.
 
 Every request is logged (its messages and the fault it got), so tests can count attempts per
 item and check that a rerun asks only for what failed.
@@ -100,10 +102,12 @@ class FaultyServer:
             with self.model_lock:
                 body = self.answer(payload)
             return send(h, 200, json.dumps(body).encode())
-        if fault in ("429", "500", "503", "400"):
+        if fault in ("429", "500", "503", "400", "401", "403", "404"):
             return send(h, int(fault), json.dumps({"error": {"message": f"injected {fault}"}}).encode())
         if fault == "429-retry-after":
             return send(h, 429, b'{"error": "slow down"}', {"Retry-After": "1"})
+        if fault == "503-retry-later":
+            return send(h, 503, b'{"error": "overloaded"}', {"Retry-After": "60"})
         if fault == "reset":
             # SO_LINGER with a zero timeout: close() sends RST instead of FIN.
             h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

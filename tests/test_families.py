@@ -15,7 +15,7 @@ import torch
 from factory.llm.base import chat_text, end_of_turn_ids, option_sequences
 from factory.llm.hf import HFBackend
 from factory.train import ppo, reward
-from factory.train.common import chat_ids, end_ids, load_causal_lm, load_tokenizer
+from factory.train.common import chat_ids, end_ids, load_tokenizer
 from tokenizer_families import FAMILIES, build_model_dir, build_tokenizer
 
 NAMES = list(FAMILIES)
@@ -138,6 +138,8 @@ def test_sft_mask_and_reward_reply_end_at_the_turn_token(name, model_dirs):
     ids, mask = chat_ids(tok, CONVERSATION)
     learnt = [i for i, m in zip(ids, mask) if m]
     assert end in learnt  # the model learns to stop
+    # turn by turn, the ids are those of the whole conversation tokenised at once
+    assert ids == tok(tok.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False)["input_ids"]
 
     prompt, reply = reward.reply_ids(tok, CONVERSATION[:1], CONVERSATION[1]["content"])
     assert reply[-1] == end  # read where PPO reads a finished rollout, not at a newline after it

@@ -10,6 +10,7 @@ with a summary, and a rerun against a healthy server asks only for the failed it
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -106,6 +107,45 @@ def test_a_refused_request_fails_alone_without_retries_and_a_dead_server_stops_t
     assert len(srv.hits) <= 4  # it stopped, instead of failing all ten one by one
     TRIED["requests"] += len(srv.hits)
     TRIED["injected"] += len(srv.hits)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status", ["401", "404"])
+def test_a_wrong_key_or_model_stops_the_batch_without_waiting_for_retries(status, hf_embedded):
+    # Two requests are told to come back in a minute (and may retry 5 times); the others meet a
+    # refusal no request gets past. The batch must stop at the first refusal, not after the retries.
+    # (No request here reaches the model: one still generating in a server thread when the process
+    # exits would abort it.)
+    def plan(messages, attempt):
+        return "503-retry-later" if marked(messages, "WAIT") else status
+
+    requests = [user("WAIT 0"), user("WAIT 1")] + [user(f"Name a number. {i}") for i in range(20)]
+    outcome = {}
+
+    def run():
+        try:
+            backend.generate(requests, GenParams(max_tokens=4, temperature=0.0))
+        except Exception as e:
+            outcome["error"] = e
+
+    with FaultyServer(hf_embedded, plan) as srv:
+        backend = OpenAIBackend(srv.base_url, "m", max_retries=5, backoff_s=30.0, max_backoff_s=60.0,
+                                max_concurrency=3)
+        t0 = time.monotonic()
+        worker = threading.Thread(target=run, daemon=True)  # so an old, waiting client cannot hold the test up
+        worker.start()
+        worker.join(20.0)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.5)  # a retry or a queued request the stop failed to cancel would show up now
+        hits = list(srv.hits)
+        backend.close()
+    assert not worker.is_alive(), "the batch waited for the other request's Retry-After"
+    assert f"HTTP {status}" in str(outcome["error"]) and "batch stopped" in str(outcome["error"]), outcome
+    assert elapsed < 10.0, f"took {elapsed:.1f} s"
+    assert [sum(h.messages == user(f"WAIT {i}") for h in hits) for i in (0, 1)] == [1, 1], "retried after the stop"
+    assert len(hits) <= 6, f"the server saw {len(hits)} of {len(requests)} requests: queued ones were not cancelled"
+    TRIED["requests"] += len(hits)
+    TRIED["injected"] += sum(h.fault is not None for h in hits)
 
 
 # ---- whole stages through the CLI ---------------------------------------------------------------

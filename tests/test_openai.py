@@ -241,7 +241,8 @@ def test_payload_top_up_stop_cut_finish_reasons_and_tokens():
         ok("one END tail", finish="length", usage=5),  # the server ignored n and stop
         ok("two", "three", finish="content_filter", usage=8),
     ]
-    params = GenParams(n=3, temperature=0.5, top_p=0.9, max_tokens=5, stop=("END",), seed=7)
+    # No seed: one request asks for all n (seeded samples go one per request: test_openai_fail_fast.py).
+    params = GenParams(n=3, temperature=0.5, top_p=0.9, max_tokens=5, stop=("END",))
     with ScriptedServer(*script) as srv:
         out = backend_for(srv.base_url, model="tiny").generate([user("hi")], params)
     got = [(c.text, c.finish_reason, c.tokens) for c in out[0]]
@@ -255,9 +256,8 @@ def test_payload_top_up_stop_cut_finish_reasons_and_tokens():
         "max_tokens": 5,
         "n": 3,
         "stop": ["END"],
-        "seed": 7,
     }
-    assert second["n"] == 2 and second["seed"] == 8  # a fresh seed, or the top-up repeats a sample
+    assert second["n"] == 2 and "seed" not in second  # the top-up asks for what is still missing
     assert srv.received[0]["path"] == "/v1/chat/completions"
 
 
@@ -362,13 +362,15 @@ def test_real_server_generates_a_batch_in_order(real: OpenAIBackend):
 
 @pytest.mark.slow
 def test_real_server_n_is_topped_up(real: OpenAIBackend):
-    # transformers serve ignores n and returns one choice; the backend asks again, with a new seed.
-    # (It also decodes greedily whatever the temperature for a model whose generation_config does
-    # not set do_sample, as here, so the two samples may well be the same text.)
-    params = GenParams(n=2, max_tokens=8, temperature=1.0, seed=3)
-    out = real.generate([user("Tell me a fun fact."), user("Give me a name for a cat.")], params)
-    assert [len(c) for c in out] == [2, 2]
-    assert all(c.text.strip() and 0 < c.tokens <= 8 for cs in out for c in cs)
+    # transformers serve ignores n and returns one choice; the backend asks again for the rest.
+    # With a seed, each sample is a request of its own, with its own seed. (The server also decodes
+    # greedily whatever the temperature for a model whose generation_config does not set do_sample,
+    # as here, so the two samples may well be the same text.)
+    for seed in (None, 3):
+        params = GenParams(n=2, max_tokens=8, temperature=1.0, seed=seed)
+        out = real.generate([user("Tell me a fun fact."), user("Give me a name for a cat.")], params)
+        assert [len(c) for c in out] == [2, 2]
+        assert all(c.text.strip() and 0 < c.tokens <= 8 for cs in out for c in cs)
 
 
 @pytest.mark.slow

@@ -55,6 +55,10 @@ def load_backend(cfg: "BackendConfig", allow_pickle: bool = False) -> Backend:
             tensor_parallel_size=cfg.tensor_parallel_size,
             gpu_memory_utilization=cfg.gpu_memory_utilization,
             allow_pickle=allow_pickle,
+            max_model_len=cfg.max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
         )
     if kind == "scripted":
         raise BackendError("the scripted backend replays queued replies for unit tests; build it in code, not from a config")

@@ -5,6 +5,12 @@ up to ``max_concurrency`` of them in flight, because the server batches what arr
 together and HTTP round-trips are mostly waiting. Servers differ in what they honour,
 so the client makes up for the common gaps: it tops up when fewer than ``n`` choices
 come back, and cuts at stop strings itself when the server returns them in the text.
+Seeded samples go one per request, each with a seed of its own (``sample_seed``): a
+server that gives every choice of a request the request's seed would return ``n`` copies.
+
+A refusal no request can get past (401, 403, 404), or too many failures in a row, stops
+the batch at once: queued requests never start, and requests waiting out a backoff give
+up instead of retrying; a request already on the wire is abandoned, not waited for.
 
 The API key is read once from the named environment variable and only ever sent
 in the ``Authorization`` header: it is kept out of ``model_id``, ``repr``, logs and
@@ -13,12 +19,13 @@ error messages (redacted even if a server echoes it back).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import queue
 import random
-import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Any, Callable, Sequence, TypeVar
 
 import httpx
@@ -35,6 +42,8 @@ MAX_RETRY_AFTER_S = 120.0
 """a server's Retry-After is obeyed up to this; a bogus huge value must not stall a run for hours."""
 ITEM_REFUSALS = (400, 413)
 """refusals that concern one request (malformed, too long), not the server, key or model: that item fails alone"""
+FATAL_REFUSALS = (401, 403, 404)
+"""refusals no request of the batch can get past (a wrong key, URL or model): the batch stops at once"""
 TOP_LOGPROBS = 20  # the most the OpenAI API allows; vLLM accepts it too
 NO_LOGPROBS_HINT = (
     "this server does not return logprobs / top_logprobs; the judge and classifier need them "
@@ -62,6 +71,25 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, retry_after: str | 
         if math.isfinite(seconds) and seconds >= 0:
             return min(seconds, MAX_RETRY_AFTER_S)
     return random.uniform(0.0, min(cap_s, base_s * 2**attempt))
+
+
+def sample_seed(seed: int, j: int) -> int:
+    """The seed of sample ``j`` (0-based) of one prompt, in a call seeded with ``seed``.
+
+    Sample 0 keeps ``seed`` itself, so an ``n=1`` call sends what it always did, and every
+    prompt of a batch gets the same seeds. Later samples get a hash of ``(seed, j)`` in
+    ``[0, 2**31)`` rather than ``seed + j``: the stages seed their batches and steps with
+    neighbouring numbers (``seed + offset``), which ``seed + j`` would collide with, and a
+    31-bit value is one every server accepts (llama.cpp reads -1 as "random").
+    """
+    if j == 0:
+        return seed
+    digest = hashlib.sha256(f"factory-sample:{seed}:{j}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
+
+
+class _Stopped(Exception):
+    """Raised inside a request whose batch has stopped (see ``_map``); never reaches a caller."""
 
 
 def score_options(top_logprobs: Sequence[dict[str, Any]], options: Sequence[str]) -> dict[str, float]:
@@ -119,6 +147,11 @@ class OpenAIBackend:
     ``BatchIncomplete`` and the stage records the item as failed. What no request can get past
     (a wrong key, URL or model: 401, 403, 404) stops the batch at once, and so do
     ``stop_after_failures`` failed requests in a row: the server is down, or refuses everything.
+    Stopping does not wait for the other requests' retries: see ``_map``.
+
+    With ``params.seed`` set and ``n > 1``, each sample is a request of its own (``n=1``) with
+    the seed ``sample_seed(seed, j)``: sample ``j``'s text then depends on the prompt, the seed
+    and ``j`` alone, not on how many choices a server returns per request or how it seeds them.
     """
 
     def __init__(
@@ -145,6 +178,7 @@ class OpenAIBackend:
         self.max_backoff_s = max_backoff_s
         self.stop_after_failures = stop_after_failures
         self._failed_in_a_row = 0
+        self._local = threading.local()  # per worker thread: the stop event of the batch it works for
         self._key = os.environ.get(api_key_env) or None  # private: never printed, see _redact
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
         self._client = httpx.Client(
@@ -160,7 +194,23 @@ class OpenAIBackend:
     # ---- the protocol ----
 
     def generate(self, requests: Sequence[Messages], params: GenParams) -> list[list[Completion]]:
-        return self._map(lambda messages: self._complete(messages, params), requests)
+        if params.seed is None or params.n == 1:
+            return self._map(lambda messages: self._complete(messages, params), requests)
+        # Seeded samples, one request each, with seeds of their own: one request asking for n
+        # choices carries one seed, and a server that seeds every choice with it (rather than
+        # seed, seed+1, ...) sends n copies of one sample.
+        n = params.n
+        per_sample = [params.model_copy(update={"n": 1, "seed": sample_seed(params.seed, j)}) for j in range(n)]
+        jobs = [(messages, j) for messages in requests for j in range(n)]
+        try:
+            flat = self._map(lambda job: self._complete(job[0], per_sample[job[1]])[0], jobs)
+        except BatchIncomplete as e:  # a prompt with a failed sample fails as a whole, with the first reason
+            groups = [e.results[i * n : (i + 1) * n] for i in range(len(requests))]
+            reasons: dict[int, str] = {}
+            for k in sorted(e.reasons):
+                reasons.setdefault(k // n, e.reasons[k])
+            raise BatchIncomplete([None if i in reasons else list(g) for i, g in enumerate(groups)], reasons) from None
+        return [flat[i * n : (i + 1) * n] for i in range(len(requests))]
 
     def option_logprobs(self, requests: Sequence[Messages], options: Sequence[str]) -> list[dict[str, float]]:
         """Scores from the first token's ``top_logprobs``; see ``score_options`` for the approximation."""
@@ -185,8 +235,9 @@ class OpenAIBackend:
             if params.stop:
                 payload["stop"] = list(params.stop)
             if params.seed is not None:
-                # A top-up with the same seed would replay the samples we already have.
-                payload["seed"] = params.seed + len(out)
+                # A top-up with the same seed would replay the samples we already have. (generate
+                # sends seeded samples one per request, so this is sample_seed(seed, 0) = seed there.)
+                payload["seed"] = sample_seed(params.seed, len(out))
             reply = self._post(payload)
             choices = reply["choices"][: params.n - len(out)]
             completion_tokens = (reply.get("usage") or {}).get("completion_tokens")
@@ -224,7 +275,10 @@ class OpenAIBackend:
             # server that does not know them refuses the request (see _refusal's hint).
             payload.update(continue_final_message=True, add_generation_prompt=False)
         attempts = self.max_retries + 1
+        stop = getattr(self._local, "stop", None) or threading.Event()  # set: the batch has stopped
         for attempt in range(attempts):
+            if stop.is_set():
+                raise _Stopped
             retry_after = None
             try:
                 resp = self._client.post(self.url, json=payload)
@@ -249,21 +303,29 @@ class OpenAIBackend:
                 delay = backoff_delay(attempt, self.backoff_s, self.max_backoff_s, retry_after)
                 note = f"{self.url}: attempt {attempt + 1}/{attempts} failed ({failure}); retrying in {delay:.1f}s"
                 log.warning(self._redact(note))
-                time.sleep(delay)
+                if stop.wait(delay):  # the batch stopped meanwhile: no point in a retry
+                    raise _Stopped
         gave_up = f"{self.url} (model {self.model!r}): gave up after {attempts} attempts; last failure: {failure}"
         raise RequestFailed(self._redact(gave_up))
 
     def _refusal(self, resp: httpx.Response, body: str) -> str:
+        if self._key:
+            key = f"check the API key in ${self.api_key_env}"
+        else:
+            key = (f"${self.api_key_env} is not set, so no API key was sent: set it, or point "
+                   "backend.api_key_env at the variable that holds the key")
         hint = {
-            401: f"check the API key in ${self.api_key_env}",
-            403: f"check the API key in ${self.api_key_env}",
-            404: "check the base URL (usually ending in /v1) and the model name",
+            401: key,
+            403: f"{key}, and that it may use model {self.model!r}",
+            404: f"check the base URL {self.base_url!r} (usually ending in /v1) and the model name {self.model!r}",
             400: "the server found this request malformed or too long for the model",
             413: "the request is too large for the server",
             422: "check the request fields: continuing an assistant message (prefill) needs a server that "
             "knows continue_final_message, such as vLLM serve",
         }.get(resp.status_code, "check the request settings and the model name")
-        return f"{self.url} (model {self.model!r}) refused the request, not retried: {_describe(resp, body)}; {hint}"
+        stopped = "; no request can get past this, so the batch stopped" if resp.status_code in FATAL_REFUSALS else ""
+        return (f"{self.url} (model {self.model!r}) refused the request, not retried: {_describe(resp, body)}; "
+                f"{hint}{stopped}")
 
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "<redacted>") if self._key else text
@@ -272,33 +334,58 @@ class OpenAIBackend:
         """``fn`` over ``items`` with at most ``max_concurrency`` in flight, results in order.
 
         Requests that fail alone (``RequestFailed``) leave None in a ``BatchIncomplete``; any
-        other error, or too many failures in a row, ends the whole batch at once.
+        other error, or too many failures in a row, ends the whole batch at once, as soon as it
+        comes back, whichever request it is: queued requests never start, requests waiting out a
+        backoff stop waiting and give up (``_Stopped``), and a request still on the wire is left to
+        finish on its own, its reply dropped. The workers are daemon threads, so not even the
+        process's exit waits for such a request.
         """
         if not items:
             return []
         results: list[R | None] = [None] * len(items)
         reasons: dict[int, str] = {}
-        with ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(items))) as pool:
-            futures = [pool.submit(fn, item) for item in items]
-            try:
-                for i, f in enumerate(futures):
-                    try:
-                        results[i] = f.result()
-                        self._failed_in_a_row = 0
-                    except RequestFailed as e:
-                        reasons[i] = str(e)
-                        self._failed_in_a_row += 1
-                        if self._failed_in_a_row >= self.stop_after_failures:
-                            raise BackendError(
-                                f"{self.url} (model {self.model!r}): stopped after {self._failed_in_a_row} requests "
-                                f"in a row failed; the server seems down or refuses every request. Last failure: {e}"
-                            ) from None
-            except BaseException:
-                for f in futures:  # fail fast: do not start requests whose batch is lost anyway
-                    f.cancel()
-                raise
+        stop = threading.Event()
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(items)):
+            todo.put(i)
+        done: queue.Queue[tuple[int, R | None, BaseException | None]] = queue.Queue()
+
+        def work() -> None:
+            self._local.stop = stop  # _post reads it: no retry, no backoff once the batch stopped
+            while not stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, fn(items[i]), None))
+                except BaseException as e:  # handed to the caller's thread, which decides
+                    if not isinstance(e, RequestFailed):
+                        stop.set()  # at once, so that no worker starts another request meanwhile
+                    done.put((i, None, e))
+
+        for _ in range(min(self.max_concurrency, len(items))):
+            threading.Thread(target=work, name="openai-request", daemon=True).start()
+        try:
+            for _ in range(len(items)):
+                i, result, error = done.get()  # in the order they finish: a fatal error is seen at once
+                if error is None:
+                    results[i] = result
+                    self._failed_in_a_row = 0
+                    continue
+                if not isinstance(error, RequestFailed):
+                    raise error
+                reasons[i] = str(error)
+                self._failed_in_a_row += 1
+                if self._failed_in_a_row >= self.stop_after_failures:
+                    raise BackendError(
+                        f"{self.url} (model {self.model!r}): stopped after {self._failed_in_a_row} requests "
+                        f"in a row failed; the server seems down or refuses every request. Last failure: {error}"
+                    ) from None
+        finally:
+            stop.set()  # whatever ended the loop (a fatal error, Ctrl-C, or the end): the workers stop
         if reasons:
-            raise BatchIncomplete(results, reasons)
+            raise BatchIncomplete(results, dict(sorted(reasons.items())))
         return results  # type: ignore[return-value]
 
 
