@@ -41,7 +41,7 @@ def test_gae_by_hand():
 
 def test_truncate_after_first_eos():
     responses = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 5, 5, 5]])
-    out, lengths, has_eos = ppo.truncate_after_eos(responses, eos_id=2, pad_id=0)
+    out, lengths, has_eos = ppo.truncate_after_eos(responses, 2, pad_id=0)
     assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 8], [2, 0, 0, 0]]
     assert lengths.tolist() == [2, 4, 1]
     assert has_eos.tolist() == [True, False, True]
@@ -94,6 +94,22 @@ def test_batch_rows_walk_seeded_permutations():
     assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
     assert rows == [ppo.batch_rows(5, 2, i, seed=3) for i in range(5)]
     assert ppo.batch_rows(3, 7, 0, seed=0)[:3] != [] and len(ppo.batch_rows(3, 7, 0, seed=0)) == 7
+
+
+def test_response_entropy_by_hand():
+    ninf = float("-inf")
+    logits = torch.tensor([
+        # uniform over 2 ids (ln 2), again with other logits (ln 2), uniform over 3 (ln 3)
+        [[0.0, 0.0, ninf, ninf], [5.0, 5.0, ninf, ninf], [7.0, 7.0, 7.0, ninf]],
+        # uniform over 4 (ln 4), certain (0), then past the response's end: counts for nothing
+        [[0.0, 0.0, 0.0, 0.0], [0.0, ninf, ninf, ninf], [1.0, 2.0, 3.0, 4.0]],
+    ])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    expected = torch.tensor([2 * math.log(2) + math.log(3), math.log(4)])
+    assert torch.allclose(ppo.response_entropy(logits, mask), expected)
+    # p = (1/4, 3/4) from logits (ln 1, ln 3): -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623 nats
+    skewed = ppo.response_entropy(torch.log(torch.tensor([[[1.0, 3.0]]])), torch.tensor([[True]]))
+    assert skewed.item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), rel=1e-6)
 
 
 # -- runs on the tiny model ---------------------------------------------------------------------
@@ -254,6 +270,29 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model, rm_dir, data_dir
         assert ra.get("kl_coef") == rb.get("kl_coef")
     sa, sb = rows(a / "samples.jsonl"), rows(b / "samples.jsonl")
     assert [(s["step"], s["response"]) for s in sa] == [(s["step"], s["response"]) for s in sb]
+
+
+def test_objective_entropy_is_the_policy_entropy(tmp_path, tiny_model, rm_dir, data_dir):
+    """objective/entropy is the entropy of the temperature-scaled distribution the policy samples
+    from, not the sampled tokens' -log-probs (a one-sample estimate of it): with one-token responses
+    it depends on the step's prompts alone, recomputed here one prompt at a time."""
+    from factory.train.common import load_causal_lm
+
+    cfg = make_cfg(tmp_path, tiny_model, rm_dir, data_dir, steps=1, response_length=1, temperature=0.2)
+    ppo.run_ppo(cfg, echo=lambda *_: None)
+    logged = rows(cfg.run_dir / "policy" / "metrics.jsonl")[1]["objective/entropy"]
+
+    tok = load_tokenizer(str(tiny_model))
+    policy = load_causal_lm(str(tiny_model), torch.device("cpu"), tok).eval()
+    prompts = ppo._prompts(cfg, tok)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)).tolist()
+    train = [prompts[i] for i in order[cfg.ppo.eval_prompts:]]  # the run's split, then its first batch
+    expected = []
+    with torch.no_grad():
+        for _, ids in (train[i] for i in ppo.batch_rows(len(train), cfg.ppo.batch_size, 0, cfg.ppo.seed)):
+            logp = torch.log_softmax(policy(torch.tensor([ids])).logits[0, -1] / 0.2, dim=-1)
+            expected.append(-(logp.exp() * logp).sum().item())
+    assert logged == pytest.approx(sum(expected) / len(expected), rel=1e-5)
 
 
 def test_ptx(tmp_path, tiny_model, rm_dir, data_dir):

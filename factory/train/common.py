@@ -10,6 +10,8 @@ safetensors plus JSON (``flatten_state``), so resuming never runs code from a fi
 from __future__ import annotations
 
 import atexit
+import functools
+import gc
 import json
 import math
 import os
@@ -17,6 +19,7 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -61,21 +64,35 @@ def pick_device(device: str, local_rank: int | None = None) -> torch.device:
     return dev
 
 
-def load_tokenizer(path: str):
-    """The model's tokenizer with a pad token that is not EOS, padding on the right.
+def end_ids(tok, path: str | Path | None = None) -> list[int]:
+    """The ids that end an assistant turn for this tokenizer (and the generation config saved in
+    the model folder ``path``, if any): see ``factory.llm.base.end_of_turn_ids``."""
+    from factory.llm.base import end_of_turn_ids
 
-    Masks are always built from lengths, but a pad id equal to EOS would still make
-    every "find the first EOS" scan stop on padding; so pad gets its own id: the
-    unknown-token id when the model has one (SmolLM2's ``<|endoftext|>``), else a new
-    token (``fit_embeddings`` then grows the model's embedding table).
+    gen = None
+    if path is not None and (Path(str(path)) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_pretrained(str(path))
+    return end_of_turn_ids(tok, gen)
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer with a pad token that ends no turn, padding on the right.
+
+    Masks are always built from lengths, but a pad id equal to EOS (or to another token that
+    ends a turn, such as ``<|im_end|>``) would still make every "find the first end" scan stop
+    on padding; so pad gets its own id: the unknown-token id when the model has one (SmolLM2's
+    ``<|endoftext|>``), else a new token (``fit_embeddings`` then grows the model's embedding table).
     """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.chat_template is None:
         raise TrainError(f"model {path!r} has no chat template; factory trains on chat messages")
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
+    ends = set(end_ids(tok, path))
+    if tok.pad_token_id is None or tok.pad_token_id in ends:
+        if tok.unk_token_id is not None and tok.unk_token_id not in ends:
             tok.pad_token = tok.unk_token
         else:
             tok.add_special_tokens({"pad_token": "<|pad|>"})
@@ -121,7 +138,8 @@ def _weight_options(path: str, allow_pickle: bool) -> dict:
 
 
 def load_causal_lm(path: str, device: torch.device, tok=None, allow_pickle: bool = False):
-    """A causal LM for training, from safetensors (pickled weights only with ``allow_pickle``)."""
+    """A causal LM for training, from safetensors (pickled weights only with ``allow_pickle``); its
+    weights in float32 whatever the ``dtype`` setting (``autocast`` says why)."""
     from transformers import AutoModelForCausalLM
 
     safe = _weight_options(path, allow_pickle)
@@ -132,6 +150,72 @@ def load_causal_lm(path: str, device: torch.device, tok=None, allow_pickle: bool
     if tok is not None:
         fit_embeddings(model, tok)
     return no_dropout(model).to(device)
+
+
+# -- precision and memory -----------------------------------------------------------------------
+
+
+def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of a trainer's forward passes for its ``dtype`` setting: auto is bfloat16 on
+    CUDA and float32 elsewhere (bfloat16 on the CPU only when asked for by name)."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[setting]
+
+
+def autocast(setting: str, device: torch.device) -> Callable[[], AbstractContextManager]:
+    """The context a trainer runs its forward passes in: ``with amp(): ...``.
+
+    bfloat16 is mixed precision as transformers' Trainer and accelerate do it (``bf16=True``):
+    the weights stay float32 "master" copies and ``torch.autocast`` runs the matrix products in
+    bf16. Weights stored in bf16 would halve their memory, but AdamW's updates at the learning
+    rates used here (PPO's 3e-6 on weights of ~0.02) are far below bf16's resolution (0.4% to
+    0.8% between neighbours) and would round away. Only activations are bf16; float32 stays
+    where precision matters: gradients and optimiser state, every loss (logits are cast with
+    ``.float()`` before log_softmax / cross entropy), the scalar head (``ScalarModel.head_scores``),
+    and PPO's log-probs, their differences and ratios. float32 is no context at all, so the
+    CPU runs exactly the ops it always did.
+    """
+    dtype = compute_dtype(setting, device)
+    if dtype == torch.float32:
+        return nullcontext
+    return functools.partial(torch.autocast, device.type, dtype=dtype)
+
+
+def checkpoint_activations(model: nn.Module) -> None:
+    """``gradient_checkpointing``: each decoder layer keeps only its input and recomputes the
+    rest in the backward pass. Call it on the transformers model (a peft wrapper passes it on). The
+    non-reentrant form of torch.utils.checkpoint gives gradients to LoRA adapters even though
+    the frozen embeddings' output needs none (the reentrant form needs
+    ``enable_input_require_grads`` for that). transformers checkpoints only in train mode and
+    with gradients on, so sampling (eval mode, no_grad) keeps its KV cache; the trainers'
+    training forwards pass ``use_cache=False``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def releases_memory(run: Callable) -> Callable:
+    """Decorates a trainer's entry point: when it returns, its models, optimiser and last autograd
+    graph (which holds the parameters) go with its frame, but only once nothing refers to that
+    frame. A reference cycle may: a caught exception kept by a library holds its traceback, whose
+    frames lead back to the trainer's (transformers' lazy imports do this on a process's first
+    model load). Reference counting alone leaves that to the next garbage collection, so it runs
+    here, and CUDA's cached blocks are handed back: the next stage in the process (a backend,
+    another trainer) finds the GPU as the trainer found it. After an exception the traceback still
+    holds the frame, and what it holds is freed when the exception is."""
+
+    @functools.wraps(run)
+    def trainer(*args, **kwargs):
+        try:
+            return run(*args, **kwargs)
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()  # a no-op where CUDA was never used
+
+    return trainer
 
 
 class ScalarModel(nn.Module):
@@ -187,7 +271,15 @@ class ScalarModel(nn.Module):
     def token_scores(self, ids: torch.Tensor, mask: torch.Tensor, **kw) -> torch.Tensor:
         """(batch, length) raw scores, one per position (no bias)."""
         hidden = self.backbone(input_ids=ids, attention_mask=mask, use_cache=False, **kw).last_hidden_state
-        return self.head(hidden).squeeze(-1)
+        return self.head_scores(hidden).squeeze(-1)
+
+    def head_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on hidden states, in float32 even under bf16 autocast: a reward is read as a
+        difference of two scores (Bradley-Terry) or of values (GAE), and bf16's 8 bits of
+        mantissa would round a score of 5 to a multiple of 1/32. On float32 hidden states with no
+        autocast this is exactly ``self.head(hidden)``."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.float())
 
     def last_scores(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(batch,) normalised scores at each row's last real token (rows padded on the right)."""

@@ -46,7 +46,10 @@ from factory.train.common import (
     Metrics,
     ScalarModel,
     add_lora,
+    autocast,
     chat_ids,
+    checkpoint_activations,
+    end_ids,
     length_mask,
     load_causal_lm,
     load_checkpoint,
@@ -56,6 +59,7 @@ from factory.train.common import (
     processes,
     prompt_ids,
     read_messages,
+    releases_memory,
     resolve_model,
     save_checkpoint,
     seed_all,
@@ -87,11 +91,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return torch.where(mask, out, 0)
 
 
-def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
-    """(responses with every token after the first EOS replaced by pad, lengths incl. the EOS,
-    whether each row has an EOS). A row without EOS keeps its full length."""
+def truncate_after_eos(responses: torch.Tensor, eos_ids: torch.Tensor, pad_id: int):
+    """(responses with every token after the first end-of-turn token replaced by pad, lengths incl.
+    that token, whether each row has one). ``eos_ids``: every id that ends a turn (EOS, and Gemma's
+    ``<end_of_turn>`` or ChatML's ``<|im_end|>`` where they differ; ``common.end_ids``). A row
+    without one keeps its full length."""
     width = responses.shape[1]
-    is_eos = responses == eos_id
+    is_eos = torch.isin(responses, eos_ids)
     has_eos = is_eos.any(dim=1)
     first = torch.where(has_eos, is_eos.int().argmax(dim=1), width - 1)
     lengths = first + 1
@@ -122,6 +128,17 @@ def kl_penalised_rewards(logprobs, ref_logprobs, scores, lengths, kl_coef: float
     rewards = non_score.clone()
     rewards[torch.arange(len(lengths), device=logprobs.device), lengths - 1] += scores
     return rewards, kl, non_score
+
+
+def response_entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(batch,) entropy of each response in nats: the sum over its tokens (``mask``) of the entropy
+    of the next-token distribution ``logits`` give (divided by the sampling temperature, as
+    ``response_logprobs`` returns them). The sampled tokens' -log-probs, which TRL logs under
+    objective/entropy, are only a one-sample estimate of it (unbiased, but as noisy as the samples)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    p = logp.exp()
+    per_token = -torch.where(p > 0, p * logp, 0).sum(-1)  # p = 0 (a -inf logit) adds 0, not 0 * -inf
+    return torch.where(mask, per_token, 0).sum(1)
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -190,13 +207,13 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model, ids, mask, n_tokens: int, temperature: float, eos_id: int, greedy: bool = False):
+def sample(model, ids, mask, n_tokens: int, temperature: float, eos_ids: torch.Tensor, greedy: bool = False):
     """(responses, log-probs of the sampled tokens) of left-padded prompts, with the KV cache.
 
     Pure temperature sampling: no top-k, no top-p, no minimum length (as summarize_from_feedback_details
     and TRL sample: any other processing makes the rollout's log-probs differ from what the update
     recomputes). Every row samples up to ``n_tokens``; the loop stops early only once every
-    row has produced an EOS, since later tokens are cut by step 2 anyway. Log-probs are of the
+    row has produced an end-of-turn token (one of ``eos_ids``), since later tokens are cut by step 2 anyway. Log-probs are of the
     temperature-scaled distribution, as in the update.
     """
     pos = positions(mask)
@@ -210,7 +227,7 @@ def sample(model, ids, mask, n_tokens: int, temperature: float, eos_id: int, gre
         tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)
         tokens.append(tok)
         logps.append(logp.gather(1, tok[:, None]).squeeze(1))
-        done |= tok == eos_id
+        done |= torch.isin(tok, eos_ids)
         if t == n_tokens - 1 or bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -326,6 +343,7 @@ def _summary(out: Path) -> dict:
     }
 
 
+@releases_memory
 def run_ppo(cfg: RunConfig, echo=print) -> dict:
     from tqdm import tqdm
 
@@ -363,6 +381,14 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         ref = copy.deepcopy(policy).requires_grad_(False)
         value = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=cfg.allow_pickle).eval()  # the value model starts as the RM
         as_ref = as_rm = nullcontext
+    if pc.gradient_checkpointing:
+        # What gets gradients: the policy and the value model's backbone (with LoRA, the shared bases
+        # of the reference and the reward model too, which run without gradients: nothing changes there).
+        checkpoint_activations(policy)
+        checkpoint_activations(value.backbone)
+    # Weights in float32; forward passes in bf16 on CUDA; heads, log-probs and losses in float32
+    # (`dtype`, common.autocast).
+    amp = autocast(pc.dtype, device)
     trainable = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     opt, sched = make_optimizer(trainable, pc, pc.steps)
     kl_ctl = KLController(pc.kl_coef, pc.adaptive_kl, pc.target_kl, pc.kl_horizon)
@@ -390,7 +416,10 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     echo(f"ppo: policy {policy_id}, reward model {rm_path}, {len(train)} train / {len(held)} eval prompts"
          + (f"; resuming after step {start}" if state else ""))
 
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    # The end of a reply: every id that ends the assistant's turn, not only EOS (a template whose
+    # turn ends with <end_of_turn> would otherwise get no_eos_score on every rollout).
+    eos = torch.tensor(end_ids(tok, policy_path), device=device)
+    pad = tok.pad_token_id
     n_mb = pc.batch_size // pc.mini_batch_size
     rollouts, mini = pc.batch_size // dist.world, pc.mini_batch_size // dist.world  # this process's
 
@@ -424,13 +453,14 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         return {"eval/score": sum(r["score"] for r in results) / len(results), "time/eval_s": time.time() - t0}
 
     if not state:
-        metrics.log(0, **evaluate(0))
+        with amp():
+            metrics.log(0, **evaluate(0))
 
     bar = tqdm(range(start + 1, pc.steps + 1), desc="ppo", unit="step", initial=start, total=pc.steps,
                disable=not dist.is_main)
     for step in bar:
         t_step = time.time()
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             chunk = [train[i] for i in batch_rows(len(train), pc.batch_size, step - 1, pc.seed)]
             chunk = dist.shard(chunk)  # this process's rollouts
             prompt_rows = [p for _, p in chunk]
@@ -454,6 +484,10 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
             with as_ref():
                 ref_logprobs, _ = response_logprobs(ref, ids, mask, width_r, pc.temperature)
             values = response_values(value, ids, mask, width_r)
+            # The policy's entropy over each response (objective/entropy), of the temperature-scaled
+            # distribution it sampled from: one more forward pass of the policy, for the exact value.
+            entropies = response_entropy(response_logprobs(policy, ids, mask, width_r, pc.temperature)[1],
+                                         resp_mask)
 
             # 3. score: the reward model at the last real token; a response with no EOS gets
             # no_eos_score instead.
@@ -481,6 +515,9 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         # processes a mini-batch is every process's `mini` rollouts; its means are over all their
         # tokens, so each loss and statistic here is this process's share, summed over processes below.
         t0 = time.time()
+        if pc.gradient_checkpointing:  # transformers checkpoints in train mode only (dropout is off in both)
+            policy.train()
+            value.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "ratio", "approxkl", "clip", "vclip")}
         for epoch in range(pc.ppo_epochs):
             for j, mb in enumerate(torch.randperm(rollouts).view(n_mb, mini).tolist()):
@@ -498,7 +535,8 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
                     batch = dist.shard(batch)
                 # the whole mini-batch's response tokens and SFT assistant tokens (the loss means' denominators)
                 tokens, sft_tokens = dist.total(int(m.sum()), sum(sum(loss_mask[1:]) for _, loss_mask in batch))
-                new_logprobs, _ = response_logprobs(policy, mb_ids, mb_mask, w, pc.temperature)
+                with amp():  # the forward pass; log-probs (float32 logits), their difference and ratio in float32
+                    new_logprobs, _ = response_logprobs(policy, mb_ids, mb_mask, w, pc.temperature)
                 diff = new_logprobs - logprobs[mb, :w]
                 ratio = torch.exp(diff)
                 adv = advantages[mb, :w]
@@ -506,7 +544,8 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
                 pg2 = -adv * torch.clamp(ratio, 1 - pc.cliprange, 1 + pc.cliprange)
                 pg_loss = masked_mean(torch.max(pg1, pg2), m, tokens)
 
-                v_new = response_values(value, mb_ids, mb_mask, w)
+                with amp():
+                    v_new = response_values(value, mb_ids, mb_mask, w)
                 v_old, ret = values[mb, :w], returns[mb, :w]
                 v_clip = v_old + torch.clamp(v_new - v_old, -pc.cliprange_value, pc.cliprange_value)
                 vf1, vf2 = (v_new - ret) ** 2, (v_clip - ret) ** 2
@@ -514,7 +553,8 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
                 loss = pg_loss + pc.vf_coef * vf_loss
 
                 if sft:
-                    lm_loss = ptx_loss(policy, tok, batch, device, sft_tokens)
+                    with amp():
+                        lm_loss = ptx_loss(policy, tok, batch, device, sft_tokens)
                     loss = loss + pc.ptx_coef * lm_loss
                     stats["ptx"].append(lm_loss.item())
 
@@ -530,6 +570,9 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
                     stats["approxkl"].append(0.5 * masked_mean(diff**2, m, tokens).item())
                     stats["clip"].append(masked_mean((pg2 > pg1).float(), m, tokens).item())
                     stats["vclip"].append(masked_mean((vf2 > vf1).float(), m, tokens).item())
+        if pc.gradient_checkpointing:
+            policy.eval()
+            value.eval()
         lr = sched.get_last_lr()[0]
         sched.step()
         t_update = time.time() - t0
@@ -541,7 +584,7 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         with torch.no_grad():
             # Means over this process's rollouts; every process has as many, so the mean of their means
             # is the mean over all rollouts, the same on every process (the KL controller stays in step).
-            entropy = torch.where(resp_mask, -logprobs, 0).sum(1).mean().item()
+            entropy = entropies.mean().item()
             *sums, n_eos = dist.total(kl.sum(1).mean().item(), entropy, scores.mean().item(),
                                       non_score.sum(1).mean().item(), int(has_eos.sum()))
             mean_kl, entropy, score_mean, non_score_sum = (v / dist.world for v in sums)
@@ -568,7 +611,8 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         row |= {"time/step_s": time.time() - t_step, "time/generate_s": t_gen, "time/score_s": t_score,
                 "time/update_s": t_update}
         if step % pc.eval_every == 0 or step == pc.steps:
-            row |= evaluate(step)
+            with amp():
+                row |= evaluate(step)
         metrics.log(step, **row)
         bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{row['objective/scores']:.3f}")
         if step % pc.checkpoint_every == 0 or step == pc.steps:

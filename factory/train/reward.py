@@ -47,8 +47,9 @@ import random
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Collection, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,9 @@ from factory.train.common import (
     Metrics,
     ScalarModel,
     add_lora,
+    autocast,
+    checkpoint_activations,
+    end_ids,
     length_mask,
     load_checkpoint,
     load_tokenizer,
@@ -72,6 +76,7 @@ from factory.train.common import (
     pad_right,
     processes,
     read_messages,
+    releases_memory,
     resolve_model,
     save_checkpoint,
     seed_all,
@@ -128,14 +133,17 @@ def read_pairs(path: Path) -> list[Preference]:
     return list(out.values())
 
 
-def reply_ids(tok, messages: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+def reply_ids(tok, messages: list[dict[str, str]], reply: str, ends: Collection[int] | None = None,
+              ) -> tuple[list[int], list[int]]:
     """(prompt ids up to the assistant's reply, the reply's ids through its end-of-turn token).
 
     The reply is what the chat template adds after the generation prompt, tokenised on its own,
     so the prompt's ids are the same for every reply and can be shared. Whatever the template puts
-    after the end-of-turn token (SmolLM2's newline) is dropped: PPO scores its samples at the EOS
-    it generates, so the reward model must learn to read exactly there.
+    after the end-of-turn token (SmolLM2's newline, Gemma's) is dropped: PPO scores its samples at
+    the end-of-turn token it generates, so the reward model must learn to read exactly there.
+    ``ends``: the ids that end a turn (``common.end_ids``; derived from ``tok`` when not given).
     """
+    ends = set(end_ids(tok) if ends is None else ends)
     before = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     full = tok.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
     if not full.startswith(before):
@@ -143,22 +151,28 @@ def reply_ids(tok, messages: list[dict[str, str]], reply: str) -> tuple[list[int
                          "cannot tell the prompt's tokens from the reply's")
     prompt = tok(before, add_special_tokens=False)["input_ids"]
     ids = tok(full[len(before):], add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id in ids:
-        ids = ids[: len(ids) - ids[::-1].index(tok.eos_token_id)]
+    last = next((j for j in range(len(ids) - 1, -1, -1) if ids[j] in ends), None)
+    if last is not None:
+        ids = ids[: last + 1]
     return prompt, ids
 
 
-def cut(prompt: list[int], reply: list[int], max_length: int) -> Seq:
+def cut(prompt: list[int], reply: list[int], max_length: int, ends: Collection[int] = ()) -> Seq:
     """Prompt + reply cut to ``max_length`` tokens.
 
     The prompt keeps its end (the question sits there; a long system prompt or early turns go
     first) and the reply its start; the reply keeps at least half the budget, more if the prompt
-    leaves more. The same rule as ``factory.rerank.fit``, so rerank scores what training saw.
+    leaves more. A reply that ends with an end-of-turn token (one of ``ends``) keeps it as its last
+    token, as a PPO rollout that finished keeps its own: the score is read there, in training, in
+    rerank and in PPO alike. Rerank scores through ``score``, which cuts the same way, so it
+    scores what training saw.
     """
     if len(prompt) + len(reply) <= max_length:
         return tuple(prompt), tuple(reply)
     keep_reply = min(len(reply), max(max_length // 2, max_length - len(prompt)))
     keep_prompt = max_length - keep_reply
+    if reply and reply[-1] in ends and 0 < keep_reply < len(reply):
+        return tuple(prompt[len(prompt) - keep_prompt:]), (*reply[: keep_reply - 1], reply[-1])
     return tuple(prompt[len(prompt) - keep_prompt:]), tuple(reply[:keep_reply])
 
 
@@ -166,14 +180,15 @@ def make_pairs(tok, prefs: list[Preference], max_length: int, soft_labels: bool)
     """(tokenised pairs, how many had a side cut to max_length)."""
     prompts: dict[str, int] = {}
     pairs, truncated = [], 0
+    ends = set(end_ids(tok))
     for rec in prefs:
         key = json.dumps(rec.messages, sort_keys=True)
         group = prompts.setdefault(key, len(prompts))
         sides = []
         for reply in (rec.chosen, rec.rejected):
-            prompt, ids = reply_ids(tok, rec.messages, reply)
+            prompt, ids = reply_ids(tok, rec.messages, reply, ends)
             truncated += len(prompt) + len(ids) > max_length
-            sides.append(cut(prompt, ids, max_length))
+            sides.append(cut(prompt, ids, max_length, ends))
         pairs.append(Pair(sides[0], sides[1], rec.p_chosen if soft_labels else 1.0, group))
     return pairs, truncated
 
@@ -285,19 +300,26 @@ def pack(seqs: list[Seq], pad_id: int, limit: int) -> Packed:
 
 
 def seq_scores(model: ScalarModel, seqs: list[Seq], pad_id: int, device: torch.device, share_prompt: bool,
-               limit: int) -> torch.Tensor:
-    """Raw scores (no normalising bias) of each prompt + reply, at the reply's last token."""
+               limit: int, amp=nullcontext) -> torch.Tensor:
+    """Raw scores (no normalising bias) of each prompt + reply, at the reply's last token.
+    ``amp``: the backbone's precision context (``common.autocast``); the head runs in float32."""
     if share_prompt:
         packed = pack(seqs, pad_id, limit)
-        mask = packed.mask.to(device, model.head.weight.dtype)  # an additive mask must match the activations
-        hidden = model.backbone(input_ids=packed.ids.to(device), attention_mask=mask,
-                                position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
+        with amp():
+            mask = packed.mask.to(device, model.head.weight.dtype)  # an additive mask must match the activations
+            if torch.is_autocast_enabled(device.type):
+                # ... which autocast computes in its dtype, where float32's min would round to -inf.
+                low = torch.get_autocast_dtype(device.type)
+                mask = torch.zeros_like(mask, dtype=low).masked_fill_(mask < 0, torch.finfo(low).min)
+            hidden = model.backbone(input_ids=packed.ids.to(device), attention_mask=mask,
+                                    position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
         # The head only where a score is read: the one position per reply.
-        return model.head(hidden[packed.row, packed.col]).squeeze(-1)
+        return model.head_scores(hidden[packed.row, packed.col]).squeeze(-1)
     # The plain path: a row per prompt + reply, as TRL's RewardTrainer does.
     rows = [list(p) + list(r) for p, r in seqs]
     mask = length_mask(rows).to(device)
-    scores = model.token_scores(pad_right(rows, pad_id).to(device), mask)
+    with amp():
+        scores = model.token_scores(pad_right(rows, pad_id).to(device), mask)
     return scores[torch.arange(len(rows), device=device), mask.sum(dim=1) - 1]
 
 
@@ -310,11 +332,11 @@ def bt_loss(d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def batch_loss(model: ScalarModel, batch: list[Pair], pad_id: int, device: torch.device, share_prompt: bool,
-               limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the batch's loss, d = r_chosen - r_rejected per pair)."""
+               limit: int, amp=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the batch's loss, d = r_chosen - r_rejected per pair), in float32 whatever ``amp``."""
     n = len(batch)
     scores = seq_scores(model, [x.chosen for x in batch] + [x.rejected for x in batch], pad_id, device,
-                        share_prompt, limit)
+                        share_prompt, limit, amp)
     d = scores[:n] - scores[n:]
     p = torch.tensor([x.p for x in batch], dtype=d.dtype, device=device)
     return bt_loss(d, p), d
@@ -322,7 +344,7 @@ def batch_loss(model: ScalarModel, batch: list[Pair], pad_id: int, device: torch
 
 @torch.no_grad()
 def evaluate(model: ScalarModel, pairs: list[Pair], batch_size: int, pad_id: int, device: torch.device,
-             share_prompt: bool, limit: int, dist: Dist = SOLO) -> dict | None:
+             share_prompt: bool, limit: int, dist: Dist = SOLO, amp=nullcontext) -> dict | None:
     """Held-out pairwise accuracy (r_chosen > r_rejected), mean margin and loss; None with no pairs.
     Each process scores its share of the batches."""
     if not pairs:
@@ -331,7 +353,7 @@ def evaluate(model: ScalarModel, pairs: list[Pair], batch_size: int, pad_id: int
     model.eval()
     ds, ps = [], []
     for batch in dist.shard(epoch_batches(pairs, batch_size, share_prompt, 0, 0)):
-        _, d = batch_loss(model, [pairs[i] for i in batch], pad_id, device, share_prompt, limit)
+        _, d = batch_loss(model, [pairs[i] for i in batch], pad_id, device, share_prompt, limit, amp)
         ds.append(d)
         ps += [pairs[i].p for i in batch]
     means = [0.0, 0.0, 0.0]
@@ -355,11 +377,12 @@ def score(model: ScalarModel, tok, conversations: list[list[dict[str, str]]], ba
     (``pack``), so rerank's n samples per prompt cost about one prompt plus n replies.
     """
     seqs = []
+    ends = set(end_ids(tok))
     for i, msgs in enumerate(conversations):
         if not msgs or msgs[-1].get("role") != "assistant":
             raise TrainError(f"conversation {i} does not end with an assistant reply to score")
-        prompt, ids = reply_ids(tok, msgs[:-1], msgs[-1]["content"])
-        seqs.append(cut(prompt, ids, max_length))
+        prompt, ids = reply_ids(tok, msgs[:-1], msgs[-1]["content"], ends)
+        seqs.append(cut(prompt, ids, max_length, ends))
     order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i][0]), seqs[i][0], len(seqs[i][1])))
     out = [0.0] * len(seqs)
     was_training = model.training
@@ -385,6 +408,7 @@ def saved_state(ckpt: Path) -> dict | None:
     return None
 
 
+@releases_memory
 def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     rc: RewardConfig = cfg.rm
     dist, device = processes(rc.device)
@@ -420,7 +444,7 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     # 2. A checkpoint must come from these pairs and settings, or the run would mix two.
     fingerprint = work_key({"pairs": file_sha256(pairs_path), "model": model_id},
                            rc.model_dump(mode="json", exclude={"device", "pairs", "output", "reference",
-                                                               "checkpoint_every"}))
+                                                               "checkpoint_every", "dtype", "gradient_checkpointing"}))
     saved = saved_state(ckpt)
     if saved is not None and saved["fingerprint"] != fingerprint:
         raise TrainError(f"{ckpt}: this checkpoint was made from other pairs or settings; "
@@ -429,8 +453,12 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
 
     # 3. Model: backbone + fresh scalar head (seeded), LoRA on the backbone if asked (the head
     # is outside the adapters' wrapper, so it stays trainable); optimiser and schedule; resume.
+    # Weights in float32; forward passes in bf16 on CUDA, the head in float32 (`dtype`, common.autocast).
     seed_all(rc.seed)
+    amp = autocast(rc.dtype, device)
     model = ScalarModel.from_pretrained(path, device, tok, allow_pickle=cfg.allow_pickle)
+    if rc.gradient_checkpointing:
+        checkpoint_activations(model.backbone)
     model.backbone = add_lora(model.backbone, rc.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -465,7 +493,7 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
             opt.zero_grad(set_to_none=True)
             shares = [0.0, 0.0, 0.0]
             if mine:
-                loss, d = batch_loss(model, mine, tok.pad_token_id, device, rc.share_prompt, limit)
+                loss, d = batch_loss(model, mine, tok.pad_token_id, device, rc.share_prompt, limit, amp)
                 loss = loss * weight
                 shares = [loss.item(), (d > 0).float().mean().item() * weight, d.mean().item() * weight]
             train_loss, accuracy, margin = dist.total(*shares)  # shares of the batch's means add up to them
@@ -490,7 +518,7 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
             if state["step"] % rc.checkpoint_every == 0 and position + 1 < len(batches):
                 checkpoint()
         # 7. Epoch end: held-out accuracy and margin, then the checkpoint the next epoch starts from.
-        result = evaluate(model, held, rc.batch_size, tok.pad_token_id, device, rc.share_prompt, limit, dist)
+        result = evaluate(model, held, rc.batch_size, tok.pad_token_id, device, rc.share_prompt, limit, dist, amp)
         state["evals"].append({"epoch": epoch + 1, "step": state["step"], **(result or {})})
         if result is not None:
             metrics.log(state["step"], epoch=epoch + 1, **{f"eval/{k}": v for k, v in result.items()})
@@ -519,7 +547,8 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         refs, normalised_on = [json.loads(c) for c in unique], f"the chosen replies of {pairs_path}"
     model.bias = 0.0
     try:
-        raw = score(model, tok, dist.shard(refs), 2 * rc.batch_size, rc.max_length, device)
+        with amp():
+            raw = score(model, tok, dist.shard(refs), 2 * rc.batch_size, rc.max_length, device)
     except TrainError as e:
         raise TrainError(f"{normalised_on}: {e}") from None
     raw_sum, count = dist.total(sum(raw), len(raw))  # each process scores its share of the references

@@ -36,6 +36,13 @@ class Common(Strict):
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the schedule")
     schedule: Literal["linear", "cosine", "constant"] = Field("linear", description="learning-rate decay after warm-up")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="precision of the forward passes: bfloat16 = autocast to bf16, with weights, optimiser "
+        "state, losses, scalar heads and PPO's log-prob ratios in float32; auto = bfloat16 on CUDA, float32 on the "
+        "CPU (bfloat16 on the CPU works, but most CPUs run it slower than float32)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each layer's activations in the backward pass instead of keeping them: "
+        "much less activation memory for about a third more compute; same results")
     lora: LoraSettings = LoraSettings()
 
 

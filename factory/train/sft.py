@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,9 @@ from factory.train.common import (
     Dist,
     Metrics,
     add_lora,
+    autocast,
     chat_ids,
+    checkpoint_activations,
     length_mask,
     load_causal_lm,
     load_checkpoint,
@@ -51,6 +54,7 @@ from factory.train.common import (
     pad_right,
     processes,
     read_messages,
+    releases_memory,
     resolve_model,
     save_checkpoint,
     seed_all,
@@ -118,17 +122,19 @@ def assistant_tokens(batch: list[Example]) -> int:
 
 
 def batch_loss(model, batch: list[Example], pad_id: int, device: torch.device,
-               tokens: int | None = None) -> tuple[torch.Tensor, int, int]:
+               tokens: int | None = None, amp=nullcontext) -> tuple[torch.Tensor, int, int]:
     """(mean cross entropy over the batch's assistant tokens, assistant tokens, real tokens).
 
     ``tokens``: the mean's denominator when ``batch`` is one process's share of a larger batch
     (that batch's assistant tokens), so the shares' losses add up to the whole batch's mean.
+    ``amp``: the forward pass's precision context (``common.autocast``); the loss is float32.
     """
     rows = [ids for ids, _ in batch]
     ids = pad_right(rows, pad_id).to(device)
     attention = length_mask(rows).to(device)
     weight = pad_right([mask for _, mask in batch], 0).to(device)
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+    with amp():
+        logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
     # Position t predicts token t + 1: logits drop their last position, labels their first.
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
     w = weight[:, 1:].flatten().float()
@@ -138,7 +144,7 @@ def batch_loss(model, batch: list[Example], pad_id: int, device: torch.device,
 
 @torch.no_grad()
 def eval_loss(model, data: list[Example], batch_size: int, pad_id: int, device: torch.device,
-              dist: Dist = SOLO) -> float | None:
+              dist: Dist = SOLO, amp=nullcontext) -> float | None:
     """Token-weighted mean loss over ``data`` (None when there is none); each process scores its share."""
     if not data:
         return None
@@ -146,7 +152,7 @@ def eval_loss(model, data: list[Example], batch_size: int, pad_id: int, device: 
     total, tokens = 0.0, 0
     ordered = dist.shard(sorted(data, key=lambda ex: len(ex[0])))
     for start in range(0, len(ordered), batch_size):
-        loss, n, _ = batch_loss(model, ordered[start : start + batch_size], pad_id, device)
+        loss, n, _ = batch_loss(model, ordered[start : start + batch_size], pad_id, device, amp=amp)
         total, tokens = total + loss.item() * n, tokens + n
     total, tokens = dist.total(total, tokens)
     model.train()
@@ -156,6 +162,7 @@ def eval_loss(model, data: list[Example], batch_size: int, pad_id: int, device: 
 # -- the trainer ----------------------------------------------------------------------------------
 
 
+@releases_memory
 def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     sc: SFTConfig = cfg.sft
     dist, device = processes(sc.device)
@@ -196,15 +203,22 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     total_steps = per_epoch * sc.epochs
 
     # 2. Model (LoRA adapters if asked), optimiser and schedule.
+    # Weights in float32; forward passes in bf16 on CUDA (`dtype`, common.autocast).
     seed_all(sc.seed)
-    model = add_lora(load_causal_lm(path, device, tok, allow_pickle=cfg.allow_pickle), sc.lora)
+    amp = autocast(sc.dtype, device)
+    model = load_causal_lm(path, device, tok, allow_pickle=cfg.allow_pickle)
+    if sc.gradient_checkpointing:
+        checkpoint_activations(model)
+    model = add_lora(model, sc.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, sc, total_steps)
 
-    # 3. Resume: the checkpoint must come from this data and these settings, or the run would mix two.
+    # 3. Resume: the checkpoint must come from this data and these settings, or the run would mix two
+    # (where it runs and in what precision may change, as between a laptop and a GPU).
     fingerprint = work_key({"data": file_sha256(Path(data_path)), "model": model_id},
-                           sc.model_dump(mode="json", exclude={"device", "data", "output"}))
+                           sc.model_dump(mode="json", exclude={"device", "data", "output", "dtype",
+                                                               "gradient_checkpointing"}))
     state = load_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, dist,
                             allow_pickle=cfg.allow_pickle)
     dist.broadcast({"model": model})
@@ -236,7 +250,7 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
             opt.zero_grad(set_to_none=True)
             share, real = torch.zeros((), device=device), 0  # an empty share: a last batch smaller than N
             if mine:
-                share, _, real = batch_loss(model, mine, tok.pad_token_id, device, tokens=n)
+                share, _, real = batch_loss(model, mine, tok.pad_token_id, device, tokens=n, amp=amp)
             loss, real = dist.total(share.item(), real)
             real = int(real)
             if not math.isfinite(loss):
@@ -262,7 +276,7 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
             if every and state["step"] % every == 0 and position + 1 < len(batches):
                 checkpoint()
         # 7. Epoch end: the held-out loss, then a checkpoint the next epoch starts from.
-        state["eval_loss"] = eval_loss(model, held, sc.batch_size, tok.pad_token_id, device, dist)
+        state["eval_loss"] = eval_loss(model, held, sc.batch_size, tok.pad_token_id, device, dist, amp)
         state["train_loss"] = state["loss_sum"] / max(1, state["loss_tokens"])
         held_out = {} if state["eval_loss"] is None else {"eval/loss": state["eval_loss"]}
         metrics.log(state["step"], epoch=epoch + 1, **held_out, **{"train/epoch_loss": state["train_loss"]})
