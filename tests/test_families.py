@@ -199,3 +199,28 @@ def test_ppo_rollouts_end_at_gemmas_end_of_turn(tmp_path, model_dirs):
     samples = [json.loads(line) for line in (cfg.run_dir / "policy" / "samples.jsonl").read_text().splitlines()]
     assert any(s["response"].strip() == "Yes." for s in samples), samples
     assert turn_end(tok, name) not in tok.convert_tokens_to_ids(tok.tokenize(samples[0]["response"]))
+
+
+def test_sft_warns_when_the_template_writes_no_end_of_turn(tmp_path, model_dirs):
+    """A template that ends a reply with no end-of-turn token leaves the model nothing to learn to
+    stop from: SFT says so; with a template that writes one (Gemma's), it says nothing."""
+    import shutil
+
+    from factory.config import RunConfig
+    from factory.train.sft import run_sft
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dirs["gemma"], bare)
+    tok = build_tokenizer("gemma")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.save_pretrained(bare)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(4)))
+    for name, folder in (("bare", bare), ("gemma", model_dirs["gemma"])):
+        said: list[str] = []
+        cfg = RunConfig(output_dir=tmp_path / name, name="run", sft=dict(
+            model=str(folder), data=data, epochs=1, batch_size=4, held_out=0.0, max_length=64, device="cpu"))
+        run_sft(cfg, echo=said.append)
+        warned = [line for line in said if "will not learn to stop" in line]
+        assert warned == ([] if name == "gemma" else [warned[0]]) and (name == "gemma" or "4 of 4" in warned[0])

@@ -24,6 +24,7 @@ from factory.train.common import (
     ScalarModel,
     autocast,
     compute_dtype,
+    float32_logits,
     load_causal_lm,
     load_tokenizer,
 )
@@ -128,6 +129,42 @@ def test_auto_is_bf16_on_cuda_and_float32_on_the_cpu():
 
 
 # -- float32 where it matters -------------------------------------------------------------------
+
+
+def test_ppo_logits_are_float32_products_under_bf16(tiny_model):
+    """Under bf16 autocast the LM head would round logits to bf16 (spacing ~0.125 at 20-30), noise
+    in every PPO ratio; float32_logits runs it in float32, and run_ppo applies it to its policy."""
+    tok = load_tokenizer(str(tiny_model))
+    model = load_causal_lm(str(tiny_model), CPU, tok).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        with autocast("bfloat16", CPU)():
+            rounded = model(input_ids=ids).logits
+        hidden = model.model(input_ids=ids).last_hidden_state
+        with autocast("bfloat16", CPU)():
+            hidden_bf16 = model.model(input_ids=ids).last_hidden_state
+        float32_logits(model)
+        with autocast("bfloat16", CPU)():
+            exact = model(input_ids=ids).logits
+        plain = model(input_ids=ids).logits
+    assert rounded.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    # the head's product is the float32 one of the (bf16-computed) hidden states
+    want = hidden_bf16.float() @ model.get_output_embeddings().weight.T
+    assert torch.allclose(exact, want, atol=1e-5)
+    # without autocast the head does what it always did
+    assert plain.dtype == torch.float32 and torch.allclose(plain, hidden @ model.get_output_embeddings().weight.T,
+                                                           atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ppo_runs_its_lm_heads_in_float32_under_bf16(tmp_path, tiny_model, rm_dir, prompts, monkeypatch, dtype):
+    patched = []
+    monkeypatch.setattr(ppo, "float32_logits", lambda m: patched.append(m) or float32_logits(m))
+    ppo.run_ppo(ppo_cfg(tmp_path, tiny_model, rm_dir, prompts, dtype=dtype, steps=1), echo=quiet)
+    # bf16: the policy and its frozen reference copy (two models); float32 (the CPU's auto): none
+    assert len(patched) == (2 if dtype == "bfloat16" else 0)
+
+
 
 
 def test_scalar_head_stays_float32_under_bf16_autocast(tiny_model):

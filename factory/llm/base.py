@@ -9,6 +9,7 @@ Every backend takes a *batch* of requests per call; batching is where the speed 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Literal, Protocol, Sequence, runtime_checkable
@@ -110,6 +111,22 @@ def chat_text(tokenizer, messages: Messages) -> str:
     return tokenizer.apply_chat_template(
         messages, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
     )
+
+
+def sample_seed(seed: int, j: int) -> int:
+    """The seed of sample ``j`` (0-based) of one prompt, in a call seeded with ``seed``: the vLLM
+    and HTTP backends send each seeded sample as a request of its own with this seed.
+
+    Sample 0 keeps ``seed`` itself, so an ``n=1`` call sends what it always did. Later samples
+    get a hash of ``(seed, j)`` rather than ``seed + j``, which would collide with the seeds the
+    stages give neighbouring batches (``seed + offset``). It depends on neither the prompt's place
+    in the call nor the batch, so a resumed or retried item gets the text it would have got. The
+    value lies in ``[0, 2**31)``, which every server accepts (llama.cpp reads -1 as "random").
+    """
+    if j == 0:
+        return seed
+    digest = hashlib.sha256(f"factory-sample:{seed}:{j}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
 
 
 _TURN_MARK = "factoryreplyends"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 from typing import Sequence
 
 from factory.llm.base import (
@@ -28,23 +27,12 @@ from factory.llm.base import (
     cut_at_stop,
     normalise,
     option_sequences,
+    sample_seed,
 )
 
 # vLLM refuses more log-probabilities per token than the engine's max_logprobs (20 unless set);
 # a larger single-token pool is scored through prompt log-probabilities instead.
 MAX_LOGPROBS = 20
-
-
-def sample_seed(seed: int, request: int, sample: int) -> int:
-    """The seed of sample ``sample`` of request ``request`` in a call seeded with ``seed``.
-
-    vLLM derives the n samples of one request from that request's seed (``seed + index`` in
-    v1's ``ParentRequest``), so two requests of a batch with the same prompt and seed come back
-    with the same samples. A hash gives every (seed, request, sample) its own seed, and seeds of
-    neighbouring calls do not overlap as ``seed + index`` ones would.
-    """
-    digest = hashlib.blake2b(f"{seed}:{request}:{sample}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1  # 63 bits: vLLM keeps seeds in int64 tensors
 
 
 class VLLMBackend:
@@ -125,9 +113,9 @@ class VLLMBackend:
             outputs = self.llm.generate(prompts, sampling(n, None), use_tqdm=False)
             rows = [list(out.outputs) for out in outputs]
         else:
-            # One request per sample, each with a seed of its own (see ``sample_seed``): the
-            # samples differ, and the same call gives the same text.
-            flat = [sampling(1, sample_seed(params.seed, i, j)) for i in range(len(prompts)) for j in range(n)]
+            # One request per sample, each with a seed of its own (``base.sample_seed``, as over HTTP):
+            # vLLM seeds a request's n samples from its one seed, and the same call gives the same text.
+            flat = [sampling(1, sample_seed(params.seed, j)) for _ in prompts for j in range(n)]
             outputs = self.llm.generate([p for p in prompts for _ in range(n)], flat, use_tqdm=False)
             rows = [[o for out in outputs[i * n : (i + 1) * n] for o in out.outputs] for i in range(len(prompts))]
         results = []

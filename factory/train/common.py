@@ -70,10 +70,13 @@ def end_ids(tok, path: str | Path | None = None) -> list[int]:
     from factory.llm.base import end_of_turn_ids
 
     gen = None
-    if path is not None and (Path(str(path)) / "generation_config.json").is_file():
+    if path is not None:
         from transformers import GenerationConfig
 
-        gen = GenerationConfig.from_pretrained(str(path))
+        try:  # a folder's generation_config.json, or a hub id's in the local cache
+            gen = GenerationConfig.from_pretrained(str(path))
+        except (OSError, ValueError):  # the model has none
+            gen = None
     return end_of_turn_ids(tok, gen)
 
 
@@ -173,13 +176,36 @@ def autocast(setting: str, device: torch.device) -> Callable[[], AbstractContext
     0.8% between neighbours) and would round away. Only activations are bf16; float32 stays
     where precision matters: gradients and optimiser state, every loss (logits are cast with
     ``.float()`` before log_softmax / cross entropy), the scalar head (``ScalarModel.head_scores``),
-    and PPO's log-probs, their differences and ratios. float32 is no context at all, so the
+    and PPO's logits (its LM heads run in float32: ``float32_logits``), log-probs, their differences
+    and ratios. float32 is no context at all, so the
     CPU runs exactly the ops it always did.
     """
     dtype = compute_dtype(setting, device)
     if dtype == torch.float32:
         return nullcontext
     return functools.partial(torch.autocast, device.type, dtype=dtype)
+
+
+def float32_logits(model: nn.Module) -> nn.Module:
+    """Make ``model``'s output projection (the LM head) run in float32 with autocast off, so its
+    logits are float32 products of float32 hidden states and weights, not bf16 ones cast up.
+
+    PPO takes differences of log-probs from two forward passes (the rollout with its KV cache, the
+    update without): at logits of 20 to 30, bf16's spacing is about 0.125, so bf16 logits would put
+    noise of that size into every ratio. The head runs for the response tokens only
+    (``logits_to_keep``), so the float32 product costs little. Call it on each model object
+    (after any ``deepcopy``: a copy would call the original's head). Without autocast it changes
+    nothing: float32 in, float32 out.
+    """
+    head = model.get_output_embeddings()
+    forward = head.forward
+
+    def float32_forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return forward(hidden.float())
+
+    head.forward = float32_forward
+    return model
 
 
 def checkpoint_activations(model: nn.Module) -> None:

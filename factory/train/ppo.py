@@ -49,7 +49,9 @@ from factory.train.common import (
     autocast,
     chat_ids,
     checkpoint_activations,
+    compute_dtype,
     end_ids,
+    float32_logits,
     length_mask,
     load_causal_lm,
     load_checkpoint,
@@ -387,8 +389,12 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         checkpoint_activations(policy)
         checkpoint_activations(value.backbone)
     # Weights in float32; forward passes in bf16 on CUDA; heads, log-probs and losses in float32
-    # (`dtype`, common.autocast).
+    # (`dtype`, common.autocast). The policy's and reference's LM heads run in float32 under bf16:
+    # the ratio and the KL are differences of their log-probs (common.float32_logits).
     amp = autocast(pc.dtype, device)
+    if compute_dtype(pc.dtype, device) != torch.float32:
+        for lm in {id(policy): policy, id(ref): ref}.values():
+            float32_logits(lm)
     trainable = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
     opt, sched = make_optimizer(trainable, pc, pc.steps)
     kl_ctl = KLController(pc.kl_coef, pc.adaptive_kl, pc.target_kl, pc.kl_horizon)
@@ -418,7 +424,11 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
 
     # The end of a reply: every id that ends the assistant's turn, not only EOS (a template whose
     # turn ends with <end_of_turn> would otherwise get no_eos_score on every rollout).
-    eos = torch.tensor(end_ids(tok, policy_path), device=device)
+    ends = end_ids(tok, policy_path)
+    if not ends:
+        raise TrainError(f"{policy_path}: neither its tokenizer, its generation config nor its chat template names "
+                         "a token that ends the assistant's turn; PPO could not tell a finished reply from a cut one")
+    eos = torch.tensor(ends, device=device)
     pad = tok.pad_token_id
     n_mb = pc.batch_size // pc.mini_batch_size
     rollouts, mini = pc.batch_size // dist.world, pc.mini_batch_size // dist.world  # this process's
@@ -486,8 +496,11 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
             values = response_values(value, ids, mask, width_r)
             # The policy's entropy over each response (objective/entropy), of the temperature-scaled
             # distribution it sampled from: one more forward pass of the policy, for the exact value.
-            entropies = response_entropy(response_logprobs(policy, ids, mask, width_r, pc.temperature)[1],
-                                         resp_mask)
+            # Rows go in chunks of a mini-batch: the (rows, tokens, vocabulary) float32 tensors stay small.
+            entropies = torch.cat([
+                response_entropy(response_logprobs(policy, ids[r: r + mini], mask[r: r + mini], width_r,
+                                                   pc.temperature)[1], resp_mask[r: r + mini])
+                for r in range(0, len(ids), mini)])
 
             # 3. score: the reward model at the last real token; a response with no EOS gets
             # no_eos_score instead.

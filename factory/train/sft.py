@@ -45,6 +45,7 @@ from factory.train.common import (
     add_lora,
     autocast,
     chat_ids,
+    end_ids,
     checkpoint_activations,
     length_mask,
     load_causal_lm,
@@ -185,14 +186,21 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
 
     # 1. Tokenise: assistant tokens carry loss; cut at max_length; drop what has nothing left to learn.
     examples: list[Example] = []
-    truncated = 0
+    truncated = unended = 0
+    ends = set(end_ids(tok, path))
     for msgs in conversations:
         ids, mask = chat_ids(tok, msgs)
+        # The model learns to stop from the end-of-turn token in the loss mask; a template that
+        # writes none after a reply leaves nothing to learn it from.
+        unended += not any(m and i in ends for i, m in zip(ids, mask))
         truncated += len(ids) > sc.max_length
         ex = cut(ids, mask, sc.max_length)
         if ex is not None:
             examples.append(ex)
     dropped = len(conversations) - len(examples)
+    if unended:
+        echo(f"sft: warning: in {unended} of {len(conversations)} conversations the chat template of {path} writes "
+             "no token that ends the assistant's turn after the reply; the model will not learn to stop there")
     if not examples:
         raise TrainError(f"{data_path}: no conversation has an assistant token within max_length={sc.max_length}")
     train_idx, eval_idx = split(len(examples), sc.held_out, sc.seed)
