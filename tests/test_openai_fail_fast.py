@@ -239,3 +239,75 @@ def test_failures_in_a_row_stop_the_batch_without_waiting_for_backoffs():
     assert isinstance(error, BackendError) and "3 requests in a row failed" in str(error), error
     assert elapsed < 5.0, f"took {elapsed:.1f} s"
     assert asked_q0 == 1
+
+
+@pytest.mark.timeout(60)
+def test_refused_seeded_samples_count_once_per_prompt_towards_the_stop():
+    # Seeded samples go one request each (rerank: n=4), so an over-long prompt is refused n times.
+    # It is still one failed prompt: three of them in a row are three failures, below the stop at
+    # four, so the batch comes back with those prompts failed; four in a row do stop it.
+    def route(payload):
+        if content(payload).startswith("too long"):
+            return 400, {"error": "this prompt is too long"}, {}
+        return seeded_choices(payload)
+
+    params = GenParams(n=4, temperature=1.0, max_tokens=4, seed=3)
+    with RecordingServer(route) as srv:
+        backend = OpenAIBackend(srv.base_url, "m", max_concurrency=4, backoff_s=0.01, stop_after_failures=4,
+                                timeout_s=10.0)
+        with pytest.raises(BatchIncomplete) as err:
+            backend.generate([user(f"too long {i}") for i in range(3)] + [user("fine")], params)
+        backend.close()
+        fresh = OpenAIBackend(srv.base_url, "m", max_concurrency=4, backoff_s=0.01, stop_after_failures=4,
+                              timeout_s=10.0)
+        with pytest.raises(BackendError) as stopped:
+            fresh.generate([user(f"too long {i}") for i in range(6)], params)
+        fresh.close()
+    assert list(err.value.reasons) == [0, 1, 2] and all("HTTP 400" in r for r in err.value.reasons.values())
+    results = err.value.results
+    assert results[:3] == [None, None, None] and len({c.text for c in results[3]}) == 4
+    assert not isinstance(stopped.value, BatchIncomplete) and "4 prompts in a row failed" in str(stopped.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_call_after_a_stop_has_every_connection_again():
+    # A 401 stops the first call while three slow requests are still on the wire; they are
+    # abandoned, not waited for. The next call on the same backend must get all max_concurrency
+    # connections at once: its four probes each wait until all four are in flight together.
+    slow_on_wire = threading.Semaphore(0)
+    release = threading.Event()
+    probes = threading.Barrier(4, timeout=3.0)
+
+    def route(payload):
+        text = content(payload)
+        if text.startswith("slow"):
+            slow_on_wire.release()
+            release.wait(30)
+            return seeded_choices(payload)
+        if text == "bad":
+            for _ in range(3):  # refuse only once the slow ones hold their connections
+                slow_on_wire.acquire(timeout=5)
+            return 401, {"error": {"message": "injected 401"}}, {}
+        try:
+            probes.wait()
+        except threading.BrokenBarrierError:
+            return 500, {"error": "the probes were never all in flight together"}, {}
+        return seeded_choices(payload)
+
+    with RecordingServer(route) as srv:
+        backend = OpenAIBackend(srv.base_url, "m", max_concurrency=4, max_retries=0, backoff_s=0.0, timeout_s=10.0)
+        try:
+            first, _ = run_in_thread(
+                lambda: backend.generate([user(f"slow{i}") for i in range(3)] + [user("bad")], GenParams()),
+                limit_s=10.0)
+            out: dict[str, Any] = {}
+            second, elapsed = run_in_thread(
+                lambda: out.setdefault("r", backend.generate([user(f"probe{i}") for i in range(4)], GenParams())),
+                limit_s=15.0)
+        finally:
+            release.set()
+            backend.close()
+    assert isinstance(first, BackendError) and "HTTP 401" in str(first), first
+    assert second is None, f"the second call failed: {second!r}"
+    assert [[c.text for c in cs] for cs in out["r"]] == [[f"probe{i} / seed None"] for i in range(4)]
+    assert elapsed < 3.0, f"took {elapsed:.1f} s"

@@ -10,7 +10,8 @@ server that gives every choice of a request the request's seed would return ``n`
 
 A refusal no request can get past (401, 403, 404), or too many failures in a row, stops
 the batch at once: queued requests never start, and requests waiting out a backoff give
-up instead of retrying; a request already on the wire is abandoned, not waited for.
+up instead of retrying; a request already on the wire is abandoned, not waited for, and
+keeps its connection, so the backend moves on to a fresh connection pool.
 
 The API key is read once from the named environment variable and only ever sent
 in the ``Authorization`` header: it is kept out of ``model_id``, ``repr``, logs and
@@ -19,7 +20,6 @@ error messages (redacted even if a server echoes it back).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import httpx
 
 from factory.llm.base import (BackendError, BatchIncomplete, Completion, GenParams, Messages, RequestFailed,
-                               check_options, cut_at_stop, normalise)
+                               check_options, cut_at_stop, normalise, sample_seed)
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,6 @@ def backoff_delay(attempt: int, base_s: float, cap_s: float, retry_after: str | 
         if math.isfinite(seconds) and seconds >= 0:
             return min(seconds, MAX_RETRY_AFTER_S)
     return random.uniform(0.0, min(cap_s, base_s * 2**attempt))
-
-
-def sample_seed(seed: int, j: int) -> int:
-    """The seed of sample ``j`` (0-based) of one prompt, in a call seeded with ``seed``.
-
-    Sample 0 keeps ``seed`` itself, so an ``n=1`` call sends what it always did, and every
-    prompt of a batch gets the same seeds. Later samples get a hash of ``(seed, j)`` in
-    ``[0, 2**31)`` rather than ``seed + j``: the stages seed their batches and steps with
-    neighbouring numbers (``seed + offset``), which ``seed + j`` would collide with, and a
-    31-bit value is one every server accepts (llama.cpp reads -1 as "random").
-    """
-    if j == 0:
-        return seed
-    digest = hashlib.sha256(f"factory-sample:{seed}:{j}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFF_FFFF
 
 
 class _Stopped(Exception):
@@ -152,6 +137,8 @@ class OpenAIBackend:
     With ``params.seed`` set and ``n > 1``, each sample is a request of its own (``n=1``) with
     the seed ``sample_seed(seed, j)``: sample ``j``'s text then depends on the prompt, the seed
     and ``j`` alone, not on how many choices a server returns per request or how it seeds them.
+    Towards ``stop_after_failures`` such a prompt still counts once, as its one request would:
+    an over-long prompt refused ``n`` times is one failure in a row, not ``n``.
     """
 
     def __init__(
@@ -173,18 +160,22 @@ class OpenAIBackend:
         self.url = f"{self.base_url}/chat/completions"
         self.api_key_env = api_key_env
         self.max_concurrency = max_concurrency
+        self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.stop_after_failures = stop_after_failures
         self._failed_in_a_row = 0
-        self._local = threading.local()  # per worker thread: the stop event of the batch it works for
+        self._local = threading.local()  # per worker thread: the stop event and client of the batch it works for
         self._key = os.environ.get(api_key_env) or None  # private: never printed, see _redact
+        self._client = self._new_client()
+
+    def _new_client(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        self._client = httpx.Client(
+        return httpx.Client(
             headers=headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+            timeout=httpx.Timeout(self.timeout_s),
+            limits=httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency),
         )
 
     def __repr__(self) -> str:
@@ -198,12 +189,13 @@ class OpenAIBackend:
             return self._map(lambda messages: self._complete(messages, params), requests)
         # Seeded samples, one request each, with seeds of their own: one request asking for n
         # choices carries one seed, and a server that seeds every choice with it (rather than
-        # seed, seed+1, ...) sends n copies of one sample.
+        # seed, seed+1, ...) sends n copies of one sample. A prompt's n requests count as one
+        # towards stop_after_failures (group=n), as its one request did.
         n = params.n
         per_sample = [params.model_copy(update={"n": 1, "seed": sample_seed(params.seed, j)}) for j in range(n)]
         jobs = [(messages, j) for messages in requests for j in range(n)]
         try:
-            flat = self._map(lambda job: self._complete(job[0], per_sample[job[1]])[0], jobs)
+            flat = self._map(lambda job: self._complete(job[0], per_sample[job[1]])[0], jobs, group=n)
         except BatchIncomplete as e:  # a prompt with a failed sample fails as a whole, with the first reason
             groups = [e.results[i * n : (i + 1) * n] for i in range(len(requests))]
             reasons: dict[int, str] = {}
@@ -276,12 +268,13 @@ class OpenAIBackend:
             payload.update(continue_final_message=True, add_generation_prompt=False)
         attempts = self.max_retries + 1
         stop = getattr(self._local, "stop", None) or threading.Event()  # set: the batch has stopped
+        client = getattr(self._local, "client", None) or self._client  # the batch's, even once replaced
         for attempt in range(attempts):
             if stop.is_set():
                 raise _Stopped
             retry_after = None
             try:
-                resp = self._client.post(self.url, json=payload)
+                resp = client.post(self.url, json=payload)
             except (httpx.TransportError, httpx.DecodingError) as e:
                 if isinstance(e, httpx.UnsupportedProtocol):
                     raise BackendError(self._redact(f"{self.url}: {e}")) from None
@@ -330,7 +323,7 @@ class OpenAIBackend:
     def _redact(self, text: str) -> str:
         return text.replace(self._key, "<redacted>") if self._key else text
 
-    def _map(self, fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    def _map(self, fn: Callable[[T], R], items: Sequence[T], group: int = 1) -> list[R]:
         """``fn`` over ``items`` with at most ``max_concurrency`` in flight, results in order.
 
         Requests that fail alone (``RequestFailed``) leave None in a ``BatchIncomplete``; any
@@ -338,13 +331,23 @@ class OpenAIBackend:
         comes back, whichever request it is: queued requests never start, requests waiting out a
         backoff stop waiting and give up (``_Stopped``), and a request still on the wire is left to
         finish on its own, its reply dropped. The workers are daemon threads, so not even the
-        process's exit waits for such a request.
+        process's exit waits for such a request. Such a request keeps its pooled connection (the
+        pool holds ``max_concurrency``) until it ends, up to ``timeout_s`` per phase, so after an
+        early end the backend takes a fresh client and closes the batch's: the next call has all
+        its connections, and the abandoned requests fail or finish on the old one, unheard.
+
+        Items come in groups of ``group`` consecutive ones (a prompt's seeded samples) that count
+        as one towards ``stop_after_failures``: a group's first failure adds one to the failures in
+        a row, its later ones nothing; any success resets the count, as with ``group=1``.
         """
         if not items:
             return []
         results: list[R | None] = [None] * len(items)
         reasons: dict[int, str] = {}
+        counted: set[int] = set()  # groups whose failure the count in a row already holds
         stop = threading.Event()
+        client = self._client  # the batch's workers use this one, even after _map replaces it
+        finished = False
         todo: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(len(items)):
             todo.put(i)
@@ -352,6 +355,7 @@ class OpenAIBackend:
 
         def work() -> None:
             self._local.stop = stop  # _post reads it: no retry, no backoff once the batch stopped
+            self._local.client = client
             while not stop.is_set():
                 try:
                     i = todo.get_nowait()
@@ -376,14 +380,24 @@ class OpenAIBackend:
                 if not isinstance(error, RequestFailed):
                     raise error
                 reasons[i] = str(error)
+                if i // group in counted:
+                    continue
+                counted.add(i // group)
                 self._failed_in_a_row += 1
                 if self._failed_in_a_row >= self.stop_after_failures:
+                    what = "requests" if group == 1 else "prompts"  # a prompt's seeded samples count once
                     raise BackendError(
-                        f"{self.url} (model {self.model!r}): stopped after {self._failed_in_a_row} requests "
+                        f"{self.url} (model {self.model!r}): stopped after {self._failed_in_a_row} {what} "
                         f"in a row failed; the server seems down or refuses every request. Last failure: {error}"
                     ) from None
+            finished = True
         finally:
             stop.set()  # whatever ended the loop (a fatal error, Ctrl-C, or the end): the workers stop
+            if not finished and self._client is client:
+                # Requests may still be on the wire, each holding a pooled connection: the next call
+                # gets a fresh pool, and closing this one leaves them to fail, their results dropped.
+                self._client = self._new_client()
+                client.close()
         if reasons:
             raise BatchIncomplete(results, dict(sorted(reasons.items())))
         return results  # type: ignore[return-value]
