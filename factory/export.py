@@ -56,6 +56,7 @@ SOURCES: dict[str, tuple[str, type[Record]]] = {
 
 PROTECTED = {file for file, _ in SOURCES.values()} | {
     "manifest.json", "generations.jsonl", "bootstrap_requests.jsonl", "revisions.jsonl", "judgments.jsonl",
+    "judge_samples.jsonl",
     "sft", "rm", "policy"}
 """names in a run (or round) folder that an export must never replace, even with --force"""
 

@@ -14,7 +14,10 @@ writes its reasoning first and the letter after it is scored; such labels are ov
 
 ``judgments.jsonl`` keeps every comparison of a prompt's responses (the source of truth);
 ``preferences.jsonl`` holds the pairs derived from it, and ``pairs_standard.jsonl`` /
-``pairs_conversational.jsonl`` the same pairs in TRL's two preference formats.
+``pairs_conversational.jsonl`` the same pairs in TRL's two preference formats. With sampled
+candidates, ``judge_samples.jsonl`` keeps each prompt's samples, all drawn before the first is
+judged: the model that samples (in a later round, the previous round's policy) and the judge
+are never needed at once.
 """
 
 from __future__ import annotations
@@ -29,17 +32,18 @@ from typing import Literal, Sequence
 
 from tqdm import tqdm
 
-from factory.config import RunConfig
+from factory.config import JudgeConfig, RunConfig
 from factory.constitution import Constitution, Principle, load_constitution, render
 from factory.critique import load_prompts
 from factory.failures import Failures
 from factory.llm.base import Backend, BatchIncomplete, GenParams, Messages
 from factory.preferences import FORMATS, prompt_text, write_jsonl
-from factory.records import Comparison, Judgment, Preference, Revision, file_sha256, work_key
+from factory.records import Comparison, Judgment, Preference, Record, Revision, file_sha256, work_key
 from factory.store import Store, StoreError, fixed_batches, input_objects
 from factory.summary import StageSummary
 
 OUTPUT = "judgments.jsonl"
+SAMPLES = "judge_samples.jsonl"
 PAIRS = "preferences.jsonl"
 EXPORTS = {"standard": "pairs_standard.jsonl", "conversational": "pairs_conversational.jsonl"}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -207,7 +211,7 @@ class Item:
     source: str
     messages: Messages
     responses: list[str] | None
-    """None for ``samples``: drawn when the item is judged"""
+    """None for ``samples``: drawn in the stage's first step"""
 
 
 def file_items(path: Path) -> list[tuple[str, Messages, list[str]]]:
@@ -267,9 +271,44 @@ def _distinct(responses: list[str]) -> list[str]:
 # -- the stage ----------------------------------------------------------------------------------
 
 
+class Sampled(Record):
+    """One item's sampled responses (``judge_samples.jsonl``), written before any of them is judged."""
+
+    responses: list[str]
+
+
+def sample_all(generator: Backend, items: list[Item], per_batch: int, jc: JudgeConfig, run_dir: Path,
+               judged: Store[Judgment], failures: Failures) -> dict[str, list[str]]:
+    """Step 1 with candidates = samples: the n responses of every item not judged yet, by key.
+
+    The batches and their seeds are the judging's (``fixed_batches`` over all items), so an item's
+    responses do not depend on which run drew them. Each batch is appended before the next is
+    drawn: a resumed run samples only what is not written. All are drawn before the first is
+    judged, so the generator can be let go before the judge loads (one engine at a time).
+    """
+    samples = Store(run_dir / SAMPLES, Sampled)
+    todo = [it for it in items if it.key not in judged]
+    with tqdm(total=len(todo), initial=sum(it.key in samples for it in todo), desc="judge: sample",
+              unit="prompt") as bar:
+        for start, batch in fixed_batches(items, per_batch, lambda it: it.key in judged or it.key in samples):
+            params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
+            # An item whose request failed for good is not written; the next run samples it again.
+            sampled = failures.kept(generator.generate, batch, [it.key for it in batch],
+                                    [it.messages for it in batch], params)
+            samples.append([Sampled(key=it.key, responses=[c.text for c in completions]) for it, completions in sampled])
+            failures.flush()
+            bar.update(len(batch))
+    return {s.key: s.responses for s in samples.records()}
+
+
 def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backend | None = None) -> StageSummary:
     """Judge with ``backend``; with candidates = samples, ``generator`` (default: the judge itself)
-    writes the responses: in a later RLAIF round it is the previous round's policy."""
+    writes the responses: in a later RLAIF round it is the previous round's policy.
+
+    The generator is asked only in step 1 and the judge only from step 2 on, so a caller can hand
+    in backends that load on their first call (the pipeline does): the generator's engine is let go
+    before the judge's loads. Only their ``model_id`` is read before that (it is in the keys).
+    """
     jc = cfg.judge
     generator = generator or backend
     constitution = load_constitution(jc.constitution)
@@ -291,19 +330,16 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backen
     k = jc.n if jc.candidates == "samples" else 2
     per_batch = max(1, cfg.backend.batch_size // (k * (k - 1)))
     failures = Failures(run_dir, "judge")
+    if jc.candidates == "samples":
+        # 1. Sample the candidates (n per prompt), every batch of them before the first is judged.
+        drawn = sample_all(generator, items, per_batch, jc, run_dir, store, failures)
+        for it in items:
+            it.responses = drawn.get(it.key)
     written = 0
     with tqdm(total=len(items), initial=len(items) - len(todo), desc="judge", unit="prompt") as bar:
-        for start, batch in fixed_batches(items, per_batch, lambda it: it.key in store):
+        for _, batch in fixed_batches(items, per_batch, lambda it: it.key in store):
             bar_step = len(batch)
-            if jc.candidates == "samples":
-                # 1. Sample the candidates (n per prompt). An item whose request failed for good
-                #    leaves the batch, here or at step 3; the next run does it again.
-                params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
-                sampled = failures.kept(generator.generate, batch, [it.key for it in batch],
-                                        [it.messages for it in batch], params)
-                for it, completions in sampled:
-                    it.responses = [c.text for c in completions]
-                batch = [it for it, _ in sampled]
+            batch = [it for it in batch if it.responses is not None]  # not sampled: failed in step 1
             # 2. Principles for each prompt, drawn by weight; identical responses are dropped.
             groups = [Group(it.messages, _distinct(it.responses),
                             draw_principles(constitution, random.Random(f"{jc.seed}:{it.key}"), jc.principles))

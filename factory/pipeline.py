@@ -7,9 +7,9 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
-from factory.config import TRAIN_STAGES, BackendConfig, ConfigError, RunConfig
+from factory.config import TRAIN_STAGES, RunConfig
 from factory.bootstrap import run_bootstrap
 from factory.constitution import load_constitution
 from factory.critique import load_prompts, run_critique
@@ -17,7 +17,7 @@ from factory.generate import run_generate
 from factory.instances import run_instances
 from factory.judge import file_items, run_judge
 from factory.llm import load_backend
-from factory.llm.base import Backend
+from factory.llm.base import Backend, Completion, GenParams, Messages
 from factory.manifest import write_manifest
 from factory.rerank import run_rerank
 from factory.seeds import load_seeds
@@ -178,56 +178,11 @@ def holds_engine(spec: str) -> bool:
     return spec.partition(":")[0] in ENGINE_KINDS
 
 
-def on_gpu(bc: BackendConfig, spec: str) -> bool:
-    """Whether the backend ``spec`` names would hold GPU memory: vLLM always, hf on a CUDA device."""
-    kind = spec.partition(":")[0]
-    if kind == "vllm":
-        return True
-    if kind != "hf":
-        return False
-    if bc.workers > 1:
-        return bc.worker_gpus > 0
-    if bc.device == "auto":
-        import torch  # the hf backend is about to import it anyway
-
-        return torch.cuda.is_available()
-    return bc.device.startswith("cuda")
-
-
-def check_engines(cfg: RunConfig, echo: Callable[[str], None]) -> None:
-    """Refuse, before any model loads, a config that needs two GPU engines at once.
-
-    The only stage that does is ``judge`` with ``candidates = samples`` from round 2 on: the
-    previous round's policy samples each batch's responses and the configured model judges
-    them, batch by batch (judge.py interleaves the two), so both stay loaded for the stage.
-    Two vLLM engines do not share one GPU (each reserves ``gpu_memory_utilization`` of it at
-    start-up): that is an error. Two hf models on CUDA take only what their weights need, so
-    small ones fit: that is a warning.
-    """
-    if "judge" not in cfg.stages or cfg.judge.candidates != "samples" or cfg.rounds < 2:
-        return
-    judge, policy = cfg.backend.spec, policy_spec(cfg, 2)  # round 1's generator is the judge itself
-    if not (on_gpu(cfg.backend, judge) and on_gpu(cfg.backend, policy)):
-        return
-    what = (f"judge.candidates = samples with rounds = {cfg.rounds}: from round 2 on the previous round's policy "
-            f"({policy.partition(':')[0]}) samples the responses and {judge} judges them, batch by batch, so both "
-            "models stay loaded on the GPU during the judge stage")
-    fixes = ("judge the critique's revisions instead (judge.candidates = critique), or serve the judge with an "
-             "OpenAI-compatible server (backend.spec = openai:http://host:port/v1#model; the policy then samples "
-             "in this process through hf), or run rounds = 1")
-    if judge.startswith("vllm:"):
-        raise ConfigError(f"{what}; two vLLM engines do not fit on one GPU (each reserves "
-                          f"backend.gpu_memory_utilization = {cfg.backend.gpu_memory_utilization} of it). Fix: {fixes}")
-    echo(f"warning: {what}; this works only if both models fit in GPU memory at once. If not: {fixes}")
-
-
 class Backends:
     """Backends by spec, each loaded on first use; at most one engine (hf or vLLM) alive at a time.
 
     Loading an engine lets go of the other one first (on a GPU two engines do not fit: vLLM
-    reserves most of it), and all are let go before a trainer runs. The one exception is
-    ``get(spec, beside=other)``, which keeps ``other`` loaded: the judge stage sampling with
-    one model and judging with another (see ``check_engines``). ``given`` stands for the
+    reserves most of it), and all are let go before a trainer runs. ``given`` stands for the
     configured spec (tests pass a scripted backend this way); it belongs to the caller and is
     never closed here. ``described`` remembers each loaded spec's model id and info, so the
     manifest can name the judge without loading it again.
@@ -238,33 +193,68 @@ class Backends:
         self.live: dict[str, Backend] = {}
         self.described: dict[str, dict] = {}
 
-    def get(self, spec: str, beside: str | None = None) -> Backend:
+    def get(self, spec: str) -> Backend:
         if self.given is not None and spec == self.cfg.backend.spec:
             return self.given
         if spec not in self.live:
             if holds_engine(spec):
-                self.release(keep=beside, engines_only=True)
+                self.release(engines_only=True)
             backend = load_backend(self.cfg.backend.model_copy(update={"spec": spec}),
                                    allow_pickle=self.cfg.allow_pickle)
             self.live[spec] = backend
             self.described[spec] = {"model_id": backend.model_id, **getattr(backend, "info", {})}
         return self.live[spec]
 
-    def describe(self, spec: str) -> dict:
-        """The model id (and info) of ``spec``'s backend: remembered, or loaded now to read it."""
+    def describe(self, spec: str, load: bool = False) -> dict:
+        """The model id and info of ``spec``'s backend, remembered from its load if it was loaded.
+
+        If not, an engine (hf, vllm) is loaded only when ``load`` says it is needed next anyway:
+        otherwise its model id is the one the backend reports (``resolve_model``) and its settings
+        are as configured, marked ``"loaded": False``. No engine starts only to be named.
+        """
         if self.given is not None and spec == self.cfg.backend.spec:
             return {"model_id": self.given.model_id, **getattr(self.given, "info", {})}
-        if spec not in self.described:
+        if spec in self.described:
+            return self.described[spec]
+        if load or not holds_engine(spec):  # openai holds nothing: loading it costs nothing
             self.get(spec)
-        return self.described[spec]
+            return self.described[spec]
+        from factory.llm.embedded import resolve_model
 
-    def release(self, keep: str | None = None, engines_only: bool = False) -> None:
-        """Close the live backends (all, or the engines only), except ``keep``, and free their memory."""
-        going = [s for s in self.live if s != keep and (holds_engine(s) or not engines_only)]
+        kind, _, model = spec.partition(":")
+        path, model_id = resolve_model(model, kind)
+        bc = self.cfg.backend
+        return {"model_id": model_id, "path": path, **({"device": bc.device} if kind == "hf" else {}),
+                "dtype": bc.dtype, **({"workers": bc.workers} if bc.workers > 1 else {}), "loaded": False}
+
+    def release(self, engines_only: bool = False) -> None:
+        """Close the live backends (all, or the engines only) and free their memory."""
+        going = [s for s in self.live if holds_engine(s) or not engines_only]
         for spec in going:
             self.live.pop(spec).close()
         if going:
             free_memory()
+
+
+class OnFirstCall:
+    """``spec``'s backend, loaded from ``backends`` on its first call (which lets any other engine
+    go); its model id is known before, without loading it. The judge stage sampling with one model
+    and judging with another gets both this way: all samples are drawn before the first judgment
+    (judge.py), so the generator's engine is let go as the judge's loads, and neither loads when
+    the run folder already holds its work."""
+
+    def __init__(self, backends: Backends, spec: str):
+        self.backends, self.spec = backends, spec
+        self.model_id = backends.describe(spec)["model_id"]
+
+    def generate(self, requests: Sequence[Messages], params: GenParams) -> list[list[Completion]]:
+        return self.backends.get(self.spec).generate(requests, params)
+
+    def option_logprobs(self, requests: Sequence[Messages], options: Sequence[str]) -> list[dict[str, float]]:
+        return self.backends.get(self.spec).option_logprobs(requests, options)
+
+    def close(self) -> None:
+        pass  # ``backends`` closes what it loaded
 
 
 def free_memory() -> None:
@@ -290,10 +280,14 @@ def run_train(stage: str, cfg: RunConfig, echo: Callable[[str], None]) -> dict:
 def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], None]) -> list[StageSummary | dict]:
     rcfg = round_config(cfg, r)
     gen_spec, judge_spec = policy_spec(cfg, r), cfg.backend.spec
-    needs = [gen_spec] * any(s in GENERATOR_STAGES for s in rcfg.stages) + [judge_spec] * ("judge" in rcfg.stages)
+    judge_samples = "judge" in rcfg.stages and rcfg.judge.candidates == "samples"  # the generator samples for it
+    needs = [gen_spec] * (judge_samples or any(s in GENERATOR_STAGES for s in rcfg.stages))
+    needs += [judge_spec] * ("judge" in rcfg.stages)
     info: dict = {"spec": judge_spec}
-    if needs:  # the manifest records the model actually used (remembered from an earlier load if there was one)
-        info |= backends.describe(needs[-1])
+    if needs:  # the manifest records the model actually used: remembered from an earlier load, loaded now
+        # when the round's first stage loads it anyway, else named from the config (no engine starts for it)
+        first_loads_it = len(set(needs)) == 1 and rcfg.stages[0] not in TRAIN_STAGES
+        info |= backends.describe(needs[-1], load=first_loads_it)
     if gen_spec != judge_spec:
         info["generator"] = gen_spec
     write_manifest(rcfg.run_dir, rcfg, info, input_files(rcfg))
@@ -304,10 +298,10 @@ def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], 
             summary = run_train(stage, rcfg, echo)  # a trainer says what it did itself
             free_memory()  # the trainer's model and optimiser, before the next engine loads
         elif stage == "judge":
-            if rcfg.judge.candidates == "samples" and gen_spec != judge_spec:
-                # Sampling and judging alternate batch by batch: both stay loaded (check_engines).
-                sampler = backends.get(gen_spec)
-                summary = run_judge(rcfg, backends.get(judge_spec, beside=gen_spec), rcfg.run_dir, generator=sampler)
+            if judge_samples and gen_spec != judge_spec:
+                # The policy samples every prompt, then the judge loads (letting the policy go) and judges.
+                summary = run_judge(rcfg, OnFirstCall(backends, judge_spec), rcfg.run_dir,
+                                    generator=OnFirstCall(backends, gen_spec))
             else:  # one model samples and judges: one engine
                 summary = run_judge(rcfg, backends.get(judge_spec), rcfg.run_dir)
             echo(summary.line())
@@ -324,7 +318,6 @@ def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[s
     Returns each stage's summary in order: a ``StageSummary`` for data stages, a dict for trainers.
     """
     check_inputs(round_config(cfg, 1))
-    check_engines(cfg, echo)
     backends = Backends(cfg, backend)
     summaries: list = []
     try:

@@ -1,6 +1,7 @@
 """One model engine (hf or vLLM) alive at a time: on a GPU two do not fit (vLLM reserves most of
 the card when it starts), so the pipeline lets the generator go before the judge loads, and the
-other way round, and lets everything go before a trainer.
+other way round, and lets everything go before a trainer. That holds for the judge stage that
+samples with the previous round's policy too: every sample is drawn before the judge loads.
 
 The stages run for real on the tiny random Llama (conftest); only ``load_backend`` is wrapped,
 to count which backends are alive at each moment.
@@ -18,8 +19,9 @@ import pytest
 import torch
 
 import factory.pipeline as pipeline
-from factory.config import ConfigError, load_config
+from factory.config import load_config
 from factory.llm import load_backend
+from factory.judge import SAMPLES, Sampled
 from factory.records import Judgment, Preference, Revision
 from factory.store import read_jsonl
 
@@ -49,13 +51,14 @@ class Tally:
     """The real ``load_backend``, counting the backends alive by kind; ``peak`` is the most engines
     (hf + vllm) ever alive at once, ``loads`` every spec loaded, in order."""
 
-    def __init__(self):
+    def __init__(self, load=load_backend):
+        self.load = load
         self.live: Counter[str] = Counter()
         self.loads: list[str] = []
         self.peak = 0
 
     def __call__(self, bc, allow_pickle: bool = False):
-        backend = load_backend(bc, allow_pickle)
+        backend = self.load(bc, allow_pickle)
         kind = bc.spec.partition(":")[0]
         self.loads.append(bc.spec)
         self.live[kind] += 1
@@ -106,6 +109,10 @@ def test_two_rounds_hold_one_engine_at_a_time(tmp_path, tiny_model, tally):
     assert {p.judge_model for p in read_jsonl(second / "preferences.jsonl", Preference)} == {f"hf:{tiny_model}"}
     manifest = json.loads((second / "manifest.json").read_text())["backend"]
     assert (manifest["model_id"], manifest["generator"]) == (f"hf:{tiny_model}", f"hf:{policy_1}")
+    # Round 1's first stage loads the model anyway: it is loaded for the manifest, which records what it reports.
+    first = json.loads((run / "round-1" / "manifest.json").read_text())["backend"]
+    assert (first["device"], first["dtype"]) == ("cpu", "float32") and "loaded" not in first
+    assert (manifest["device"], manifest["dtype"]) == ("cpu", "float32")  # remembered from round 1
 
 
 def test_judge_samples_with_the_generator_engine_when_the_spec_is_the_same(tmp_path, tiny_model, tally):
@@ -116,7 +123,53 @@ def test_judge_samples_with_the_generator_engine_when_the_spec_is_the_same(tmp_p
     assert len(judged) == len(TOPICS) and {j.judge_model for j in judged} == {f"hf:{tiny_model}"}
 
 
-def test_backends_let_the_other_engine_go_unless_asked_to_keep_it(tmp_path, tiny_model, tally):
+def test_judge_sampling_with_the_previous_policy_holds_one_engine_at_a_time(tmp_path, tiny_model, tally):
+    # vLLM specs, each engine a tiny hf model standing in (vLLM needs a GPU): until now this config was
+    # refused, since the policy sampled and the judge judged batch by batch, both engines loaded.
+    cfg = config(tmp_path, tiny_model, stages=("judge", "rm", "ppo"), spec=f"vllm:{tiny_model}",
+                 judge={"candidates": "samples", "n": 3})
+
+    def vllm_stand_in(bc, allow_pickle: bool = False):
+        model = bc.spec.removeprefix("vllm:")
+        backend = load_backend(bc.model_copy(update={"spec": f"hf:{model}"}), allow_pickle)
+        backend.model_id = f"vllm:{model}"
+        return backend
+
+    tally.load = vllm_stand_in
+    pipeline.run_stages(cfg, echo=quiet)
+    policy_1 = cfg.run_dir / "round-1" / "policy" / "model"
+    # Round 1: the configured model samples and judges. Round 2: round 1's policy samples every prompt
+    # and is let go, then the configured model loads and judges.
+    assert tally.loads == [f"vllm:{tiny_model}", f"vllm:{policy_1}", f"vllm:{tiny_model}"] and tally.peak == 1
+    assert sum(tally.live.values()) == 0
+    second = cfg.run_dir / "round-2"
+    judged = read_jsonl(second / "judgments.jsonl", Judgment)
+    drawn = {s.key: s.responses for s in read_jsonl(second / SAMPLES, Sampled)}
+    assert len(judged) == len(TOPICS) and {j.judge_model for j in judged} == {f"vllm:{tiny_model}"}
+    assert all(j.responses == drawn[j.key] for j in judged)  # the policy's samples, judged
+    manifest = json.loads((second / "manifest.json").read_text())["backend"]
+    assert (manifest["model_id"], manifest["generator"]) == (f"vllm:{tiny_model}", f"vllm:{policy_1}")
+
+
+def test_a_round_started_afresh_loads_no_engine_only_for_its_manifest(tmp_path, tiny_model, tally):
+    # Round 2 of a run whose round 1 is done, in a process of its own: the manifest names the judge
+    # without loading it, so the policy (critique, then sampling for the judge) and the judge load once each.
+    cfg = config(tmp_path, tiny_model, stages=("critique", "judge", "ppo"), judge={"candidates": "samples"})
+    cfg = cfg.model_copy(update={"stages": ["critique", "judge"]})  # the round's data stages are what counts here
+    policy_1 = cfg.run_dir / "round-1" / "policy" / "model"
+    policy_1.parent.mkdir(parents=True)
+    policy_1.symlink_to(tiny_model, target_is_directory=True)  # round 1's policy, as far as round 2 can tell
+    backends = pipeline.Backends(cfg)
+    pipeline.run_round(cfg, 2, backends, quiet)
+    assert tally.loads == [f"hf:{policy_1}", f"hf:{tiny_model}"] and tally.peak == 1
+    manifest = json.loads((cfg.run_dir / "round-2" / "manifest.json").read_text())["backend"]
+    assert manifest == {"spec": f"hf:{tiny_model}", "model_id": f"hf:{tiny_model}", "path": str(tiny_model),
+                        "device": "cpu", "dtype": "auto", "loaded": False, "generator": f"hf:{policy_1}"}
+    backends.release()
+    assert sum(tally.live.values()) == 0
+
+
+def test_backends_let_the_other_engine_go(tmp_path, tiny_model, tally):
     cfg = config(tmp_path, tiny_model, rounds=1, stages=("critique",))
     other = tmp_path / "other"
     other.symlink_to(tiny_model, target_is_directory=True)
@@ -125,32 +178,20 @@ def test_backends_let_the_other_engine_go_unless_asked_to_keep_it(tmp_path, tiny
     assert backends.get(a) is backends.get(a)  # loaded once
     backends.get(b)
     assert list(backends.live) == [b] and tally.peak == 1
-    backends.get(a, beside=b)  # the judge stage sampling with one model and judging with another
-    assert set(backends.live) == {a, b} and tally.peak == 2
-    assert backends.describe(a)["model_id"] == a and len(tally.loads) == 3  # remembered, not reloaded
+    assert backends.describe(a)["model_id"] == a and len(tally.loads) == 2  # remembered, not reloaded
+    assert backends.describe(a)["device"] == "cpu" and "loaded" not in backends.describe(a)  # as the backend said
     backends.release()
     assert sum(tally.live.values()) == 0 and not backends.live
-    assert backends.describe(b)["model_id"] == b and len(tally.loads) == 3
-
-
-def test_two_vllm_engines_are_refused_before_any_model_loads(tmp_path, tiny_model, tally):
-    cfg = config(tmp_path, tiny_model, spec=f"vllm:{tiny_model}", judge={"candidates": "samples"})
-    with pytest.raises(ConfigError, match=r"two vLLM engines do not fit on one GPU.*judge.candidates = critique"):
-        pipeline.run_stages(cfg, echo=quiet)
-    assert tally.loads == []
-
-
-def test_two_hf_models_on_cuda_warn_before_any_model_loads(tmp_path, tiny_model):
-    said: list[str] = []
-    samples = {"candidates": "samples"}
-    pipeline.check_engines(config(tmp_path, tiny_model, judge=samples, device="cuda"), said.append)
-    assert len(said) == 1 and "warning:" in said[0] and "both models fit in GPU memory" in said[0]
-    for quiet_cfg in (config(tmp_path, tiny_model, judge=samples, device="cpu"),  # CPU memory: both fit
-                      config(tmp_path, tiny_model, device="cuda"),  # critique candidates: one model at a time
-                      config(tmp_path, tiny_model, rounds=1, stages=("critique", "judge"), judge=samples,
-                             spec=f"vllm:{tiny_model}")):  # round 1 samples with the judge itself
-        pipeline.check_engines(quiet_cfg, said.append)
-    assert len(said) == 1
+    assert backends.describe(b)["model_id"] == b and len(tally.loads) == 2
+    # A spec never loaded is named as its backend would name itself, without loading it (unless asked to).
+    third = tmp_path / "third"
+    third.symlink_to(tiny_model, target_is_directory=True)
+    c = f"hf:{third}"
+    assert backends.describe(c) == {"model_id": c, "path": str(third), "device": "cpu", "dtype": "auto",
+                                    "loaded": False}
+    assert len(tally.loads) == 2
+    assert backends.describe(c, load=True)["dtype"] == "float32" and tally.loads[-1] == c
+    backends.release()
 
 
 def test_freeing_memory_does_not_import_torch():
