@@ -16,6 +16,7 @@ from factory.critique import load_prompts, run_critique
 from factory.generate import run_generate
 from factory.instances import run_instances
 from factory.judge import file_items, run_judge
+from factory.layout import RunLayout
 from factory.llm import load_backend
 from factory.llm.base import Backend, Completion, GenParams, Messages
 from factory.manifest import write_manifest
@@ -107,14 +108,14 @@ def check_inputs(cfg: RunConfig) -> None:
             raise FileNotFoundError(f"{cfg.run_dir / 'preferences.jsonl'}: no preference pairs to train the reward "
                                     "model on; run the judge stage first, or set rm.pairs")
     if "ppo" in cfg.stages:
-        rm = cfg.ppo.reward_model or cfg.run_dir / cfg.rm.output / "model"
+        rm = cfg.ppo.reward_model or RunLayout.of(cfg).rm_model
         if "rm" not in cfg.stages and not Path(rm).is_dir():
             raise FileNotFoundError(f"{rm}: no reward model for PPO; add the rm stage, run `factory train rm`, "
                                     "or set ppo.reward_model")
         if cfg.ppo.prompts is None and "instances" not in cfg.stages and not tasks_here.is_file():
             raise FileNotFoundError(f"{tasks_here}: no prompts for PPO; run instances first, or set ppo.prompts")
     if "rerank" in cfg.stages:
-        rm = cfg.rerank.reward_model or cfg.run_dir / "rm" / "model"
+        rm = cfg.rerank.reward_model or RunLayout.of(cfg).rm_model
         rm_first = "rm" in cfg.stages and cfg.stages.index("rm") < cfg.stages.index("rerank")
         if not rm_first and not Path(rm).is_dir():
             raise FileNotFoundError(f"{rm}: no reward model to rerank with; run `factory train rm` first, "
@@ -141,7 +142,7 @@ def round_config(cfg: RunConfig, r: int) -> RunConfig:
         return cfg
     update: dict = {"output_dir": cfg.run_dir, "name": f"round-{r}", "rounds": 1}
     if r > 1:
-        previous = str(cfg.run_dir / f"round-{r - 1}" / cfg.ppo.output / "model")
+        previous = str(RunLayout.of(cfg, cfg.run_dir / f"round-{r - 1}").policy_model)
         update["stages"] = [s for s in cfg.stages if s not in FIRST_ROUND_ONLY]
         # The loop: round r fine-tunes (sft) and optimises (ppo) the policy round r-1 ended with,
         # which is also the KL reference of its PPO.
@@ -155,7 +156,7 @@ def policy_spec(cfg: RunConfig, r: int) -> str:
     if r == 1:
         return cfg.backend.spec
     kind = "vllm" if cfg.backend.spec.startswith("vllm:") else "hf"
-    return f"{kind}:{cfg.run_dir / f'round-{r - 1}' / cfg.ppo.output / 'model'}"
+    return f"{kind}:{RunLayout.of(cfg, cfg.run_dir / f'round-{r - 1}').policy_model}"
 
 
 def carry_tasks(cfg: RunConfig, r: int) -> None:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from factory.config import RunConfig
 from factory.critique import load_prompts
 from factory.failures import Failures
+from factory.layout import RunLayout
 from factory.llm.base import Backend
 from factory.records import Record, file_sha256, work_key
 from factory.store import Store, fixed_batches
@@ -73,7 +74,7 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
     from factory.train.reward import score
 
     rc = cfg.rerank
-    rm_path = Path(rc.reward_model) if rc.reward_model is not None else run_dir / "rm" / "model"
+    rm_path = Path(rc.reward_model) if rc.reward_model is not None else RunLayout.of(cfg, run_dir).rm_model
     rm, tok = load_reward_model(rm_path, rc.device, cfg.allow_pickle)  # before any sampling: a missing RM fails fast
     prompts = load_prompts(rc.prompts, rc.limit, run_dir)
     settings = {

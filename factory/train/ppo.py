@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from factory.config import RunConfig
+from factory.layout import RunLayout
 from factory.train import TrainError
 from factory.train.common import (
     SOLO,
@@ -303,7 +304,7 @@ def _ptx_data(cfg: RunConfig, tok) -> list[tuple[list[int], list[int]]]:
 
 def _policy_path(cfg: RunConfig) -> tuple[str, str]:
     if cfg.ppo.policy == "auto":
-        sft = cfg.run_dir / "sft" / "model"
+        sft = RunLayout.of(cfg).sft_model
         return resolve_model(str(sft) if (sft / "config.json").is_file() else "embedded")
     return resolve_model(cfg.ppo.policy)
 
@@ -359,7 +360,7 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     if _finished(out, pc.steps):
         echo(f"ppo: {out} already holds a finished run of {pc.steps} steps; nothing to do")
         return _summary(out)
-    rm_path = Path(pc.reward_model) if pc.reward_model else cfg.run_dir / "rm" / "model"
+    rm_path = Path(pc.reward_model) if pc.reward_model else RunLayout.of(cfg).rm_model
     if not (rm_path / "config.json").is_file():
         raise TrainError(f"no reward model at {rm_path}: run `factory train rm` first (or set ppo.reward_model)")
     seed_all(pc.seed)
