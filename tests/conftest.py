@@ -186,6 +186,19 @@ def kill_once_written(cmd: list[str], cwd: Path, out: Path, lines: int, poll_s: 
     return out.read_bytes()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (mark them ``pytest.mark.usefixtures("one_thread")``): a
+    tiny model's ops are too small to share, and on 2 busy cores two torch threads waiting on each
+    other made its runs ~5x slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(embedded_dir: Path, tmp_path_factory) -> Path:
     """A tiny randomly initialised Llama (2 layers, width 32) with the embedded model's tokenizer

@@ -16,7 +16,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 
 import factory.pipeline as pipeline
 from factory.config import load_config
@@ -82,12 +81,7 @@ def tally(monkeypatch):
     return t
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny models
 
 
 def quiet(_: str) -> None:

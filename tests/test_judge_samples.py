@@ -20,22 +20,9 @@ from factory.judge import OUTPUT, PAIRS, SAMPLES, Sampled, run_judge
 from factory.llm.base import BatchIncomplete, Completion, normalise
 from factory.records import Failure, Judgment
 from factory.store import read_jsonl
+from tests.test_judge import CONSTITUTION
 
 PROMPTS = [f"Say something about {t}." for t in ("tea", "rain", "maps", "bread", "owls")]
-CONSTITUTION = """\
-name: tiny
-description: two principles for tests
-principles:
-  - id: kind
-    critique: Point out anything unkind.
-    revision: Rewrite it kindly.
-    judge: 'Asked "{prompt}", which response is kinder?'
-    weight: 3
-  - id: brief
-    critique: Point out anything that could be shorter.
-    revision: Rewrite it shorter.
-    judge: Which response is shorter?
-"""
 
 
 class Killed(Exception):

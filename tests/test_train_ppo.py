@@ -115,14 +115,7 @@ def test_response_entropy_by_hand():
 # -- runs on the tiny model ---------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to share: on 2 busy cores, two torch threads waiting on
-    each other made these runs ~5x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -199,6 +199,28 @@ def option_sequences(tokenizer, text: str, options: Sequence[str]) -> tuple[int,
     return start, seqs
 
 
+def split_options(tokenizer, requests: Sequence[Messages], options: Sequence[str], max_single: int | None = None,
+                  ) -> tuple[list[tuple[int, list[int], list[int]]], list[tuple[int, int, int, list[int]]]]:
+    """How a backend scores ``options`` for each request (``option_sequences``), in two lists.
+
+    ``single``: (request, the shared ids, one next id per option), where every option adds exactly
+    one id after ids all options share: all are read from one next-token distribution (one forward
+    pass, or one prefill). ``multi``: (request, option, start, ids) for every other request, each
+    option's ``ids[start:]`` scored after ``ids[:start]``. ``max_single`` caps the distinct ids a
+    single read may ask for (vLLM returns at most ``max_logprobs`` of them).
+    """
+    single: list[tuple[int, list[int], list[int]]] = []
+    multi: list[tuple[int, int, int, list[int]]] = []
+    for i, r in enumerate(requests):
+        start, seqs = option_sequences(tokenizer, chat_text(tokenizer, r), options)
+        ids = [s[start] for s in seqs]
+        if start > 0 and all(len(s) == start + 1 for s in seqs) and (max_single is None or len(set(ids)) <= max_single):
+            single.append((i, seqs[0][:start], ids))
+        else:
+            multi += [(i, k, start, s) for k, s in enumerate(seqs)]
+    return single, multi
+
+
 def normalise(scores: dict[str, float]) -> dict[str, float]:
     """Log-softmax over the pool: turn raw sequence log-probabilities into a distribution."""
     top = max(scores.values())

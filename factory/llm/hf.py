@@ -25,7 +25,7 @@ from factory.llm.base import (
     cut_at_stop,
     end_of_turn_ids,
     normalise,
-    option_sequences,
+    split_options,
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -186,15 +186,8 @@ class HFBackend:
         # Each option is scored as the ids of prompt + option tokenised at once (``option_sequences``):
         # the ids the model would emit in context, not the option tokenised on its own.
         scores = [[0.0] * len(opts) for _ in requests]
-        single: list[tuple[int, list[int], list[int]]] = []  # (request, prompt ids, one id per option)
-        pairs: list[tuple[int, int, list[int], list[int]]] = []  # (request, option, shared start, option ids)
-        for i, r in enumerate(requests):
-            text = chat_text(self.tokenizer, r)
-            start, seqs = option_sequences(self.tokenizer, text, opts)
-            if all(len(s) == start + 1 for s in seqs):  # they agree on the first ``start`` ids
-                single.append((i, seqs[0][:start], [s[start] for s in seqs]))
-            else:
-                pairs += [(i, k, s[:start], s[start:]) for k, s in enumerate(seqs)]
+        single, multi = split_options(self.tokenizer, requests, opts)
+        pairs = [(i, k, s[:start], s[start:]) for i, k, start, s in multi]  # (request, option, prefix, option ids)
         # Single-token options (A/B, Yes/No): one row per prompt, all options read from its last
         # logits; a row per (prompt, option) would run every prompt k times.
         single.sort(key=lambda row: -len(row[1]))

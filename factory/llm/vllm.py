@@ -17,7 +17,6 @@ import gc
 from typing import Sequence
 
 from factory.llm.base import (
-    end_of_turn_ids,
     BackendError,
     Completion,
     GenParams,
@@ -25,9 +24,10 @@ from factory.llm.base import (
     chat_text,
     check_options,
     cut_at_stop,
+    end_of_turn_ids,
     normalise,
-    option_sequences,
     sample_seed,
+    split_options,
 )
 
 # vLLM refuses more log-probabilities per token than the engine's max_logprobs (20 unless set);
@@ -138,18 +138,9 @@ class VLLMBackend:
 
         opts = check_options(options)
         scores = [[0.0] * len(opts) for _ in requests]
-        single: list[tuple[int, list[int], list[int]]] = []  # (request, prompt ids, one id per option)
-        pairs: list[tuple[int, int, int, list[int]]] = []  # (request, option, shared start, prompt + option ids)
-        for i, r in enumerate(requests):
-            start, seqs = option_sequences(self.tokenizer, chat_text(self.tokenizer, r), opts)
-            # Every sequence agrees on its first ``start`` ids; when each adds exactly one id, all
-            # the options are next-token choices after those ids. (When the prompt's last token
-            # merges with the options, ``start`` lies before the prompt's end: the shared ids are
-            # then the prompt, as in the hf backend.)
-            if start > 0 and all(len(s) == start + 1 for s in seqs) and len({s[start] for s in seqs}) <= MAX_LOGPROBS:
-                single.append((i, seqs[0][:start], [s[start] for s in seqs]))
-            else:
-                pairs += [(i, k, start, s) for k, s in enumerate(seqs)]
+        # (When the prompt's last token merges with the options, the shared ids end before the
+        # prompt's end: they are then the prompt, as in the hf backend.)
+        single, pairs = split_options(self.tokenizer, requests, opts, max_single=MAX_LOGPROBS)
 
         if single:
             # One prefill per prompt: generate one token allowed only among the options and read
