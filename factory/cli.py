@@ -608,7 +608,7 @@ def prepare():
 def _show_samples(cfg: RunConfig, count: int) -> None:
     """A few records of the last stage that ran, so a run ends by showing what it made."""
     from factory.records import Generation, Instruction, Preference, Revision, Task
-    from factory.rerank import Reranked
+    from factory.records import Reranked
     from factory.store import read_jsonl
 
     files = {"generate": ("generations.jsonl", Generation), "bootstrap": ("instructions.jsonl", Instruction),

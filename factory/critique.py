@@ -27,7 +27,8 @@ from factory.constitution import Constitution, Principle, load_constitution, ren
 from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import ChatExample, PreferencePair, Revision, Round, Task, file_sha256, work_key
-from factory.store import Store, StoreError, fixed_batches, input_objects
+from factory.inputs import input_objects
+from factory.store import Store, StoreError, fixed_batches
 from factory.summary import StageSummary
 
 OUTPUT = "revisions.jsonl"

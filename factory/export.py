@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 from factory.preferences import FORMATS as TRL_PAIR_FORMATS
 from factory.preferences import prompt_text, write_jsonl
 from factory.records import ChatExample, Instruction, Preference, PreferencePair, Record, Task
-from factory.rerank import Reranked
+from factory.records import Reranked
 from factory.store import read_jsonl
 
 EXPORT_FORMATS = ("hf", "parquet", "hub", "trl-sft", "trl-pairs", "openrlhf-rm", "openrlhf-ppo", "alpaca")

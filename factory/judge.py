@@ -39,7 +39,8 @@ from factory.failures import Failures
 from factory.llm.base import Backend, BatchIncomplete, GenParams, Messages
 from factory.preferences import FORMATS, prompt_text, write_jsonl
 from factory.records import Comparison, Judgment, Preference, Record, Revision, file_sha256, work_key
-from factory.store import Store, StoreError, fixed_batches, input_objects
+from factory.inputs import input_objects
+from factory.store import Store, StoreError, fixed_batches
 from factory.summary import StageSummary
 
 OUTPUT = "judgments.jsonl"

@@ -314,3 +314,22 @@ class Failure(Record):
     """the backend's last error, the API key redacted"""
     time: str
     """when, in UTC (ISO 8601)"""
+
+
+class Reranked(Record):
+    """One prompt's n sampled responses, their rewards, and the best as an SFT conversation."""
+
+    source: str
+    """the id or key of what the prompt came from"""
+    prompt: str
+    messages: list[dict[str, str]]
+    """[user prompt, assistant: the chosen response]: what SFT reads"""
+    responses: list[str]
+    scores: list[float]
+    """the reward model's score of each response (after its normalising bias)"""
+    chosen: int
+    """index of the best-scoring response (the first, on a tie)"""
+    reward_model: str
+    """the reward-model folder"""
+    model: str
+    """the generator's ``model_id``"""

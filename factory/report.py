@@ -26,7 +26,7 @@ from factory.dedup import RougeIndex
 from factory.pipeline import round_dirs
 from factory.records import (BootstrapRequest, ChatExample, Generation, Instruction, Judgment, Preference,
                              PreferencePair, Revision, Task, file_sha256)
-from factory.rerank import Reranked
+from factory.records import Reranked
 from factory.seeds import SeedError, load_seeds
 from factory.store import read_jsonl
 

@@ -22,30 +22,11 @@ from factory.critique import load_prompts
 from factory.failures import Failures
 from factory.layout import RunLayout
 from factory.llm.base import Backend
-from factory.records import Record, file_sha256, work_key
+from factory.records import Reranked, file_sha256, work_key
 from factory.store import Store, fixed_batches
 from factory.summary import StageSummary
 
 OUTPUT = "rerank.jsonl"
-
-
-class Reranked(Record):
-    """One prompt's n sampled responses, their rewards, and the best as an SFT conversation."""
-
-    source: str
-    """the id or key of what the prompt came from"""
-    prompt: str
-    messages: list[dict[str, str]]
-    """[user prompt, assistant: the chosen response]: what SFT reads"""
-    responses: list[str]
-    scores: list[float]
-    """the reward model's score of each response (after its normalising bias)"""
-    chosen: int
-    """index of the best-scoring response (the first, on a tie)"""
-    reward_model: str
-    """the reward-model folder"""
-    model: str
-    """the generator's ``model_id``"""
 
 
 # -- scoring --------------------------------------------------------------------------------------

@@ -13,11 +13,10 @@ lines another process appends behind its back.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from pydantic import ValidationError
 
@@ -53,39 +52,6 @@ def read_jsonl(path: Path, model: type[R]) -> list[R]:
     if size > end:
         _warn_torn(Path(path), size - end)
     return records
-
-
-def input_objects(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, JSON value) of every non-blank line of a user's JSONL input file.
-
-    A line that is not JSON is an error naming the file and line. The value is whatever the
-    line holds; the caller checks its shape (``expected`` says what it should be, for the message
-    on a line that holds no object at all).
-    """
-    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM, as some Windows editors write
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise StoreError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # no record could hold a lone surrogate
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{path}:{number}: not a JSON object: {e.msg}") from None
-        except UnicodeEncodeError:
-            raise StoreError(f"{path}:{number}: a lone surrogate escape (such as \\ud800); expected valid Unicode "
-                             "text") from None
-        except ValueError:  # a number past Python's 4300-digit limit for reading integers
-            raise StoreError(f"{path}:{number}: not a JSON object: a number with too many digits") from None
-        except RecursionError:
-            raise StoreError(f"{path}:{number}: not a JSON object: nested too deeply") from None
-        if not isinstance(obj, dict):
-            raise StoreError(f"{path}:{number}: expected {expected}")
-        yield number, obj
 
 
 def fixed_batches(items: Sequence[T], size: int, done: Callable[[T], bool]) -> Iterator[tuple[int, list[T]]]:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from factory.cli import cli
 from factory.export import EXPORT_FORMATS, replacing
 from factory.records import ChatExample, Instance, Instruction, Preference, PreferencePair, Similar, Task
-from factory.rerank import Reranked
+from factory.records import Reranked
 from factory.store import Store
 
 # -- a run folder of real records ---------------------------------------------------------------

@@ -12,7 +12,8 @@ from factory.config import BackendConfig, RunConfig
 from factory.layout import RunLayout
 from factory.llm.scripted import ScriptedBackend
 from factory.pipeline import check_inputs, policy_spec
-from factory.rerank import OUTPUT, Reranked, run_rerank
+from factory.records import Reranked
+from factory.rerank import OUTPUT, run_rerank
 from factory.store import read_jsonl
 from factory.train import ppo
 from factory.train.common import ScalarModel, load_tokenizer

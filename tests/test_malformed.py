@@ -35,7 +35,8 @@ from factory.pipeline import check_inputs
 from factory.preferences import PreferenceFormatError, import_hh, import_votes, parse_dialogue
 from factory.records import Preference
 from factory.seeds import SeedError, load_seeds
-from factory.store import StoreError, input_objects, read_jsonl
+from factory.inputs import input_objects
+from factory.store import StoreError, read_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::factory.seeds.SeedWarning", "ignore::factory.store.StoreWarning")
 

@@ -25,7 +25,7 @@ from factory.dedup import rouge_l_f1
 from factory.pipeline import FIRST_ROUND_ONLY
 from factory.records import (BootstrapRequest, Candidate, ChatExample, Comparison, Generation, Instance, Instruction,
                              Judgment, Preference, PreferencePair, Revision, Round, Similar, Task, file_sha256)
-from factory.rerank import Reranked
+from factory.records import Reranked
 from factory.report import build_report, flip_rate, seed_similarity, verb_object
 from factory.seeds import load_seeds
 from factory.store import Store

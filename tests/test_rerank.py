@@ -11,7 +11,8 @@ import torch
 from factory.config import BackendConfig, RunConfig
 from factory.llm.base import BackendError
 from factory.llm.scripted import ScriptedBackend
-from factory.rerank import OUTPUT, Reranked, run_rerank
+from factory.records import Reranked
+from factory.rerank import OUTPUT, run_rerank
 from factory.store import read_jsonl
 from factory.train import TrainError
 from factory.train.common import ScalarModel, load_tokenizer, read_messages

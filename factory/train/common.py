@@ -746,7 +746,8 @@ class Metrics:
 
 def read_messages(path: Path) -> list[list[dict[str, str]]]:
     """Conversations from a JSONL of {'messages': [{'role', 'content'}, ...]} (sft.jsonl's shape)."""
-    from factory.store import StoreError, input_objects
+    from factory.inputs import input_objects
+    from factory.store import StoreError
 
     expected = "an object with 'messages': a list of {'role', 'content'} with an assistant turn"
     out = []
