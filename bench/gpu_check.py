@@ -245,7 +245,7 @@ def write_data(folder: Path) -> dict[str, Path]:
 
 
 def check_trainers(report: Report, tiny: Path, work: Path, device: torch.device) -> None:
-    from factory.config import RunConfig
+    from factory.layout import RunLayout
     from factory.train.ppo import run_ppo
     from factory.train.reward import run_reward
     from factory.train.settings import PPOConfig, RewardConfig, SFTConfig
@@ -255,21 +255,20 @@ def check_trainers(report: Report, tiny: Path, work: Path, device: torch.device)
     dtype = "auto" if device.type == "cuda" else "bfloat16"
     common = dict(device=str(device), dtype=dtype, lr=1e-3, seed=0)
     quiet = lambda *_, **__: None  # noqa: E731
-    cfg = RunConfig(output_dir=work, name="check",
-                    sft=SFTConfig(model=str(tiny), data=data["sft"], epochs=2, batch_size=2, max_length=64,
-                                  held_out=0.0, **common),
-                    rm=RewardConfig(model=str(tiny), pairs=data["pairs"], batch_size=4, max_length=64, held_out=0.25,
-                                    reference=data["sft"], **common),
-                    ppo=PPOConfig(policy=str(work / "check" / "sft" / "model"), prompts=data["prompts"], steps=2,
-                                  batch_size=2, mini_batch_size=2, ppo_epochs=1, response_length=8,
-                                  max_prompt_length=40, eval_prompts=2, eval_every=10, checkpoint_every=10, **common))
-    run = work / "check"
+    layout = RunLayout(work / "check")
+    sft_settings = SFTConfig(model=str(tiny), data=data["sft"], epochs=2, batch_size=2, max_length=64, held_out=0.0,
+                             **common)
+    rm_settings = RewardConfig(model=str(tiny), pairs=data["pairs"], batch_size=4, max_length=64, held_out=0.25,
+                               reference=data["sft"], **common)
+    ppo_settings = PPOConfig(policy=str(layout.sft_model), prompts=data["prompts"], steps=2, batch_size=2,
+                             mini_batch_size=2, ppo_epochs=1, response_length=8, max_prompt_length=40, eval_prompts=2,
+                             eval_every=10, checkpoint_every=10, **common)
 
     def sft() -> None:
         with Memory(device) as memory, contextlib.redirect_stderr(io.StringIO()):  # its progress bar
-            summary = run_sft(cfg, echo=quiet)
-        losses = [r["train/loss"] for r in rows(run / "sft" / "metrics.jsonl") if "train/loss" in r]
-        moved, fp32 = changed(tiny / "model.safetensors", run / "sft" / "model" / "model.safetensors")
+            summary = run_sft(sft_settings, layout, echo=quiet)
+        losses = [r["train/loss"] for r in rows(layout.sft.metrics) if "train/loss" in r]
+        moved, fp32 = changed(tiny / "model.safetensors", layout.sft_model / "model.safetensors")
         report.check(finite(losses) and math.isfinite(summary["train_loss"]) and moved and fp32, f"sft ({dtype})",
                      f"{summary['steps']} steps, losses {losses[0]:.3f} -> {losses[-1]:.3f}, weights changed: {moved}, "
                      f"saved float32: {fp32}")
@@ -277,9 +276,9 @@ def check_trainers(report: Report, tiny: Path, work: Path, device: torch.device)
 
     def rm() -> None:
         with Memory(device) as memory, contextlib.redirect_stderr(io.StringIO()):
-            summary = run_reward(cfg, echo=quiet)
-        losses = [r["train/loss"] for r in rows(run / "rm" / "metrics.jsonl") if "train/loss" in r]
-        moved, fp32 = changed(tiny / "model.safetensors", run / "rm" / "model" / "model.safetensors", "model.")
+            summary = run_reward(rm_settings, layout, echo=quiet)
+        losses = [r["train/loss"] for r in rows(layout.rm.metrics) if "train/loss" in r]
+        moved, fp32 = changed(tiny / "model.safetensors", layout.rm_model / "model.safetensors", "model.")
         head_ok = math.isfinite(summary["bias"]) and summary["accuracy"] is not None
         report.check(finite(losses) and moved and fp32 and head_ok, f"rm ({dtype})",
                      f"{summary['steps']} steps, losses {losses[0]:.3f} -> {losses[-1]:.3f}, held-out accuracy "
@@ -288,13 +287,12 @@ def check_trainers(report: Report, tiny: Path, work: Path, device: torch.device)
 
     def ppo() -> None:
         with Memory(device) as memory, contextlib.redirect_stderr(io.StringIO()):
-            run_ppo(cfg, echo=quiet)
-        steps = [r for r in rows(run / "policy" / "metrics.jsonl") if "loss/policy" in r]
+            run_ppo(ppo_settings, layout, echo=quiet)
+        steps = [r for r in rows(layout.policy.metrics) if "loss/policy" in r]
         keys = ("loss/policy", "loss/value", "objective/kl", "objective/entropy", "objective/scores")
         ok = bool(steps) and all(finite(r[k] for k in keys) for r in steps)
         ratio = max(abs(r["val/ratio"] - 1) for r in steps) if steps else math.inf
-        moved, fp32 = changed(run / "sft" / "model" / "model.safetensors",
-                              run / "policy" / "checkpoint" / "policy.safetensors")
+        moved, fp32 = changed(layout.sft_model / "model.safetensors", layout.policy.checkpoint / "policy.safetensors")
         report.check(ok and ratio <= RATIO_TOL and moved and fp32, f"ppo ({dtype})",
                      f"{len(steps)} steps, losses finite: {ok}, max |ratio - 1| = {ratio:.4f} (tolerance {RATIO_TOL}), "
                      f"entropy {steps[-1]['objective/entropy']:.2f}, policy changed: {moved}, float32: {fp32}")
@@ -302,7 +300,7 @@ def check_trainers(report: Report, tiny: Path, work: Path, device: torch.device)
 
     report.guard("sft", sft)
     report.guard("rm", rm)  # independent of sft
-    if (run / "sft" / "model" / "config.json").is_file() and (run / "rm" / "model" / "config.json").is_file():
+    if (layout.sft_model / "config.json").is_file() and (layout.rm_model / "config.json").is_file():
         report.guard("ppo", ppo)
     else:
         report.line("FAIL", "ppo", "not run: it trains the SFT model against the reward model, and one is missing")

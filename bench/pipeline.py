@@ -125,13 +125,13 @@ def stage_config(args, out_dir: Path, name: str, prompts_file: Path, max_tokens:
 
 def run_factory(backend: Metered, cfg) -> list:
     """The stage as `factory run` runs it; returns its records (texts and drawn principles)."""
-    from factory.critique import OUTPUT
+    from factory.layout import RunLayout
     from factory.pipeline import run_stages
     from factory.records import Revision
     from factory.store import Store
 
     run_stages(cfg, backend, echo=lambda _: None)
-    return list(Store(cfg.run_dir / OUTPUT, Revision).records())
+    return list(Store(RunLayout.of(cfg).revisions, Revision).records())
 
 
 def raw_critique(backend: Metered, cfg, prompts: list[str], principles: list[str]) -> list[tuple[str, str, str]]:

@@ -25,6 +25,7 @@ from factory.llm import load_backend
 from factory.records import Revision
 from factory.seeds import load_seeds, task_prompt
 from factory.store import read_jsonl
+from factory.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def main() -> int:
         ])
         backend = backend or load_backend(cfg.backend)
         print(f"{name}: critique -> revision on {len(tasks)} prompts ...", flush=True)
-        run_critique(cfg, backend, cfg.run_dir)
+        run_critique(cfg, backend, RunLayout.of(cfg))
         recs = {r.prompt_id: r for r in read_jsonl(cfg.run_dir / "revisions.jsonl", Revision)}
         lengths[name] = [words(recs[t.id].final) for t in tasks]
         first = [words(recs[t.id].initial) for t in tasks]

@@ -1,12 +1,13 @@
 """Digests of what SFT, the reward model and PPO train on a tiny model on the CPU, to check that a change
 keeps float32 training byte-identical. Compare two versions of the code, e.g.:
 
-    git worktree add /tmp/before 8b69006
-    PYTHONPATH=/tmp/before .venv/bin/python bench/train_digests.py /tmp/digests-before
+    mkdir /tmp/before && git archive 51b3025 | tar -x -C /tmp/before
+    PYTHONPATH=/tmp/before .venv/bin/python /tmp/before/bench/train_digests.py /tmp/digests-before
     .venv/bin/python bench/train_digests.py /tmp/digests-after
 
 Each run prints one sha256 prefix per saved weight file and PPO's KL and score curves; equal lines
-mean the same weights, bit for bit. (PYTHONPATH wins over the editable install.) About a minute.
+mean the same weights, bit for bit. (PYTHONPATH wins over the editable install; run the old version's
+own copy of this script, which calls the trainers as that version does.) About a minute.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from factory.config import RunConfig
+from factory.layout import RunLayout
 from factory.llm.embedded import embedded_model_dir
 from factory.train.ppo import run_ppo
 from factory.train.reward import run_reward
@@ -66,12 +68,13 @@ def main(out: Path) -> None:
                  eval_every=2, checkpoint_every=2, device="cpu", lr=1e-3, seed=0),
     )
     quiet = lambda *_, **__: None  # noqa: E731
-    run_sft(run, echo=quiet)
-    run_reward(run, echo=quiet)
-    run_ppo(run, echo=quiet)
+    layout = RunLayout.of(run)
+    run_sft(run.sft, layout, echo=quiet)
+    run_reward(run.rm, layout, echo=quiet)
+    run_ppo(run.ppo, layout, echo=quiet)
     for name in WEIGHTS:
         print(name, hashlib.sha256((run.run_dir / name).read_bytes()).hexdigest()[:16])
-    rows = [json.loads(line) for line in (run.run_dir / "policy/metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in layout.policy.metrics.read_text().splitlines()]
     print("ppo objective/kl", [r.get("objective/kl") for r in rows])
     print("ppo objective/scores", [r.get("objective/scores") for r in rows])
 

@@ -83,7 +83,7 @@ def _heads(model_dir: Path, work: Path, tok):
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from factory.train.common import ScalarModel
+    from factory.train.models import ScalarModel
 
     torch.manual_seed(0)
     cls = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32)
@@ -106,7 +106,7 @@ def _time_trl(model_dir: Path, tok, prompts: list[str], s: dict, work: Path, tem
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from factory.train.common import prompt_ids
+    from factory.train.chat import prompt_ids
 
     steps = 1 + s["timed"]
     rows = [{"input_ids": prompt_ids(tok, [{"role": "user", "content": p}])[-256:]} for p in prompts]
@@ -147,6 +147,7 @@ def _time_trl(model_dir: Path, tok, prompts: list[str], s: dict, work: Path, tem
 
 def _time_ours(model_dir: Path, prompts: list[str], s: dict, work: Path, temperature: float) -> list[float]:
     from factory.config import RunConfig
+    from factory.layout import RunLayout
     from factory.train.ppo import run_ppo
 
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
@@ -156,7 +157,7 @@ def _time_ours(model_dir: Path, prompts: list[str], s: dict, work: Path, tempera
         batch_size=s["batch"], mini_batch_size=s["mini"], ppo_epochs=s["epochs"], response_length=s["length"],
         temperature=temperature, lr=3e-6, eval_prompts=0, eval_every=10**6, checkpoint_every=10**6, device="cpu",
         seed=0, no_eos_score=-1.0, kl_coef=0.05))
-    run_ppo(cfg, echo=lambda *_: None)
+    run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
     rows = [json.loads(line) for line in (work / "ours" / "policy" / "metrics.jsonl").read_text().splitlines()]
     # Wall time between consecutive metric lines: everything a step does, logging included.
     marks = [r["elapsed_s"] for r in rows]
@@ -167,7 +168,7 @@ def _time_ours(model_dir: Path, prompts: list[str], s: dict, work: Path, tempera
 def bench_speed(args, s: dict, model_dir: Path) -> dict:
     import torch
 
-    from factory.train.common import load_tokenizer
+    from factory.train.models import load_tokenizer
 
     tok = load_tokenizer(str(model_dir))
     # Exactly one batch of prompts: every step of either trainer rolls out the same prompts.
@@ -198,6 +199,7 @@ def bench_speed(args, s: dict, model_dir: Path) -> dict:
 def _train_rm(work: Path, s: dict) -> Path:
     """A reward model on the embedded backbone, trained briefly on the human-labelled pairs."""
     try:
+        from factory.layout import RunLayout
         from factory.train.reward import run_reward
     except ImportError:
         sys.exit("bench ppo: factory.train.reward is not there yet; pass a reward model with --ppo-rm PATH")
@@ -212,12 +214,13 @@ def _train_rm(work: Path, s: dict) -> Path:
     Store(run / "preferences.jsonl", Preference).append(prefs[: s["rm_pairs"]])
     cfg = RunConfig(name="rm-run", output_dir=work, rm=dict(epochs=1, batch_size=8, max_length=256, held_out=0.1,
                                                               lr=2e-5, device="cpu", seed=0))
-    run_reward(cfg, echo=lambda *_: None)
+    run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     return run / "rm" / "model"
 
 
 def bench_learn(args, s: dict, model_dir: Path) -> dict:
     from factory.config import RunConfig
+    from factory.layout import RunLayout
     from factory.train.ppo import run_ppo
 
     with tempfile.TemporaryDirectory(prefix="bench-ppo-run-") as tmp:
@@ -237,7 +240,7 @@ def bench_learn(args, s: dict, model_dir: Path) -> dict:
             no_eos_score=None,
             eval_every=max(1, s["run_steps"] // 3), checkpoint_every=10**6, device="cpu", seed=0))
         t0 = time.time()
-        summary = run_ppo(cfg, echo=lambda *_: None)
+        summary = run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
         ppo_s = time.time() - t0
         samples = [json.loads(x) for x in (work / "learn" / "policy" / "samples.jsonl").read_text().splitlines()]
     end = [x for x in samples if x["step"] == summary["steps"]][:2]

@@ -61,8 +61,10 @@ def run_ours(work: Path, train: list, held: list, s: dict, model_dir: Path, shar
     from factory.config import RunConfig
     from factory.records import Preference
     from factory.store import Store
-    from factory.train.common import ScalarModel, load_tokenizer
-    from factory.train.reward import run_reward, score
+    from factory.train.models import ScalarModel, load_tokenizer
+    from factory.layout import RunLayout
+    from factory.train.reward import run_reward
+    from factory.train.scoring import score
 
     name = "ours" if share_prompt else "ours-plain"
     run = work / name
@@ -71,7 +73,7 @@ def run_ours(work: Path, train: list, held: list, s: dict, model_dir: Path, shar
     cfg = RunConfig(name=name, output_dir=work, rm=dict(
         model=str(model_dir), share_prompt=share_prompt, epochs=1, batch_size=s["batch"], max_length=s["max_length"], held_out=0.0,
         lr=s["lr"], device="cpu", seed=s["seed"], checkpoint_every=10**6))
-    summary = run_reward(cfg, echo=lambda *_: None)
+    summary = run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     rows = [json.loads(x) for x in (run / "rm" / "metrics.jsonl").read_text().splitlines()]
     steps_s = max(r["elapsed_s"] for r in rows if "train/loss" in r)  # the steps alone, no checkpoint
 
@@ -93,7 +95,8 @@ def run_trl(work: Path, train: list, held: list, s: dict, model_dir: Path) -> di
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
 
-    from factory.train.common import length_mask, load_tokenizer, pad_right
+    from factory.train.chat import length_mask, pad_right
+    from factory.train.models import load_tokenizer
     from factory.train.reward import make_pairs
 
     datasets.disable_progress_bars()
@@ -138,7 +141,7 @@ def warm_up(train: list, s: dict, model_dir: Path) -> None:
     costs (thread pools, allocator growth, first touch of the weights' pages)."""
     import torch
 
-    from factory.train.common import ScalarModel, load_tokenizer
+    from factory.train.models import ScalarModel, load_tokenizer
     from factory.train.reward import batch_loss, make_pairs
 
     tok = load_tokenizer(str(model_dir))

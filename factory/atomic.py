@@ -4,8 +4,9 @@ the new one, never half of one.
 Every file or folder that is replaced rather than appended to (the manifest, exports, trainer
 summaries, checkpoints, final models, copied tasks) is written here: into a temporary sibling with
 a fixed name (one writer per run folder, so a kill's leftover is simply overwritten by the next
-run), flushed and fsynced, then renamed over the target. Appended JSONL files are the store's.
-This module imports nothing of the package.
+run), flushed and fsynced, then renamed over the target: ``.<name>.tmp`` for a file, ``<name>.tmp``
+for a folder (``atomic_folder``, which also parks the folder it replaces at ``<name>.old`` between
+its two renames). Appended JSONL files are the store's. This module imports nothing of the package.
 """
 
 from __future__ import annotations
@@ -52,3 +53,42 @@ def copy_atomic(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` whole: a copy interrupted half-way is never seen."""
     with atomic_file(target, "wb") as f, open(source, "rb") as src:
         shutil.copyfileobj(src, f)
+
+
+def folder_temporary(path: Path) -> Path:
+    """The fixed sibling a folder is written into before ``atomic_folder`` swaps it in: ``<name>.tmp``."""
+    return path.with_name(f"{path.name}.tmp")
+
+
+def folder_replaced(path: Path) -> Path:
+    """Where ``atomic_folder`` moves the folder it replaces, until the new one is in place:
+    ``<name>.old``. A kill between its two renames leaves the old folder whole there (and no
+    ``<name>``): a reader that finds no ``<name>`` may read it (a trainer's checkpoint does)."""
+    return path.with_name(f"{path.name}.old")
+
+
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Fill a folder whole, then put it in ``path``'s place: yields an empty temporary sibling
+    (``folder_temporary``); on leaving without an error, every file in it is fsynced and it is
+    renamed to ``path``. An existing ``path`` is first moved aside to ``folder_replaced(path)`` and
+    removed once the new folder is in place. On an error the temporary folder is removed and
+    ``path`` is left as it was. (Checkpoints and trainers' final models are written here.)"""
+    path = Path(path)
+    tmp, old = folder_temporary(path), folder_replaced(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # a kill's leftover
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -22,20 +22,23 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from factory.config import BootstrapConfig, RunConfig
 from factory.dedup import RougeIndex
-from factory.failures import FILE, Failures
+from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import BootstrapRequest, Candidate, Instruction, Similar, file_sha256, work_key
 from factory.seeds import load_seeds
+from factory.stage import Context, Stage
 from factory.store import Store
 from factory.summary import StageSummary
 
-REQUESTS = "bootstrap_requests.jsonl"
-OUTPUT = "instructions.jsonl"
+if TYPE_CHECKING:
+    from factory.config import BootstrapConfig, RunConfig
+    from factory.layout import RunLayout
+
 NO_ITEMS = "no_items_in_reply"
 
 ASK = (
@@ -118,7 +121,7 @@ def check_instruction(text: str, cfg: BootstrapConfig, blacklist: re.Pattern[str
     return None
 
 
-def sample_shown(rng: random.Random, human: list[str], machine: list[str], cfg: BootstrapConfig) -> list[str]:
+def sample_shown(rng: random.Random, human: list[str], machine: list[str], cfg: "BootstrapConfig") -> list[str]:
     """The instructions a prompt shows: seeds fill the machine slots while there are too few machine ones."""
     n_machine = min(cfg.machine_examples, len(machine))
     n_human = min(cfg.human_examples + cfg.machine_examples - n_machine, len(human))
@@ -127,7 +130,7 @@ def sample_shown(rng: random.Random, human: list[str], machine: list[str], cfg: 
     return shown
 
 
-def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+def run_bootstrap(cfg: "RunConfig", backend: Backend, layout: "RunLayout") -> StageSummary:
     bc = cfg.bootstrap
     human = list(dict.fromkeys(t.instruction.strip() for path in bc.seeds for t in load_seeds(path)))
     settings = {
@@ -139,8 +142,8 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     def request_key(index: int) -> str:
         return work_key({"request": index}, settings)
 
-    requests = Store(run_dir / REQUESTS, BootstrapRequest)
-    instructions = Store(run_dir / OUTPUT, Instruction)
+    requests = Store(layout.bootstrap_requests, BootstrapRequest)
+    instructions = Store(layout.instructions, Instruction)
     index = RougeIndex(bc.rouge_threshold)
     for text in human:
         index.add(text)
@@ -178,7 +181,7 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     # 2. Ask for more until the target is reached.
     max_requests = bc.max_requests or 20 * bc.target
     blacklist = blacklist_pattern(bc.blacklist)
-    failures = Failures(run_dir, "bootstrap")
+    failures = Failures(layout.failures, "bootstrap")  # not the stage loop's: the pool grows between batches
     with tqdm(total=bc.target, initial=min(before, bc.target), desc="bootstrap", unit="instr") as bar:
         while len(machine) < bc.target and n < max_requests:
             batch = range(n, min(n + bc.requests_per_batch, max_requests))
@@ -229,11 +232,11 @@ def run_bootstrap(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
         note += f"; STOPPED at max_requests={max_requests} with {len(machine)} of the target {bc.target}"
     if failures.reasons:
         # Not failed items: the pool is whatever the other requests made; nothing is left to retry.
-        note += f"; {len(failures.reasons)} requests failed for good (see {FILE}), made up by new ones"
+        note += f"; {len(failures.reasons)} requests failed for good (see {layout.failures.name}), made up by new ones"
     return StageSummary("bootstrap", len(machine), before, len(machine) - before, instructions.path, rejected, note)
 
 
-def _judge(text: str, cfg: BootstrapConfig, blacklist, index: RougeIndex, done_already: bool) -> Candidate:
+def _judge(text: str, cfg: "BootstrapConfig", blacklist, index: RougeIndex, done_already: bool) -> Candidate:
     if done_already:
         return Candidate(text=text, verdict="over_target")
     reason = check_instruction(text, cfg, blacklist)
@@ -257,3 +260,27 @@ def _instruction(c: Candidate, req: BootstrapRequest, settings: dict) -> Instruc
         avg_similarity=c.avg_similarity or 0.0,
         model=req.model,
     )
+
+
+class Bootstrap(Stage):
+    name = section = "bootstrap"
+    first_round_only = True
+
+    def roles(self, cfg):
+        return ("generator",)
+
+    def user_files(self, cfg) -> list[Path]:
+        return list(cfg.bootstrap.seeds)
+
+    def writes(self, cfg, layout) -> list[Path]:
+        return [layout.bootstrap_requests, layout.instructions]
+
+    def check(self, cfg) -> None:
+        for path in dict.fromkeys(cfg.bootstrap.seeds):
+            load_seeds(path)
+
+    def run(self, ctx: Context) -> StageSummary:
+        return run_bootstrap(ctx.cfg, ctx.model("generator"), ctx.layout)
+
+
+STAGE = Bootstrap()

@@ -8,98 +8,24 @@ file, the key path and what was expected.
 from __future__ import annotations
 
 import re
-import reprlib
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from factory.constitution import _duplicate_keys
+from factory.inputs import TOO_DEEP, TOO_MANY_DIGITS, ParseError, decode, duplicate_keys, load_yaml, read_bytes
 from factory.llm.base import GenParams
+from factory.llm.settings import BackendConfig  # the run config's backend table; importable from here too
+from factory.records import Strict, error_text, got, key_path
 from factory.train.settings import PPOConfig, RerankConfig, RewardConfig, SFTConfig
 
-SPEC_KINDS = ("hf", "openai", "vllm", "scripted")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class ConfigError(ValueError):
     """A config file or override is malformed; the message says where and what was expected."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class BackendConfig(Strict):
-    """Which model to talk to, and how. Only the fields of the chosen kind are used."""
-
-    spec: str = Field(
-        "hf:embedded",
-        description="hf:embedded | hf:/path/or/hub-id | openai:http://host:port/v1#model | vllm:model | scripted",
-    )
-    batch_size: int = Field(
-        64, ge=1, description="about how many requests a stage hands the backend per call and appends to disk at "
-        "once (a crash loses at most one such batch). hf: also its forward batch (a prompt's n samples take n rows); "
-        "vllm ignores it (the engine schedules its own batches); workers > 1: each call is split across the copies; "
-        "openai: max_concurrency sets what is in flight"
-    )
-    device: str = Field("auto", description="hf: auto, cpu, cuda or cuda:N")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="hf/vllm: auto = bfloat16 on a GPU, float32 on the CPU"
-    )
-    api_key_env: str = Field(
-        "OPENAI_API_KEY", description="openai: the environment variable holding the key (the key is never stored)"
-    )
-    max_concurrency: int = Field(8, ge=1, description="openai: requests in flight at once")
-    timeout_s: float = Field(120.0, gt=0, description="openai: seconds before one request is abandoned")
-    max_retries: int = Field(5, ge=0, description="openai: retries on 429, 5xx and connection errors")
-    backoff_s: float = Field(0.5, ge=0, description="openai: first retry delay; doubles each retry, with jitter")
-    max_backoff_s: float = Field(30.0, ge=0, description="openai: the longest wait between retries (Retry-After "
-                                 "from the server is obeyed up to 120 s)")
-    stop_after_failures: int = Field(
-        16, ge=1, description="openai: a request that fails after its retries fails its item alone (logged in "
-        "failures.jsonl, retried by the next run); this many such failures in a row stop the stage: the server is down"
-    )
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory to use")
-    max_model_len: int | None = Field(
-        None, ge=1, description="vllm: the longest prompt + reply in tokens (None: the model's own context length); "
-        "a smaller one lets a long-context model start on a GPU whose KV cache cannot hold its full length. vLLM "
-        "schedules its own batches by tokens: batch_size only sizes the stages' batches, never a forward pass"
-    )
-    enforce_eager: bool = Field(
-        False, description="vllm: run the model eagerly, without CUDA graphs (starts faster and uses less memory, "
-        "generates slower)"
-    )
-    seed: int = Field(0, description="vllm: the engine's seed (a request's own seed, from the stage, takes precedence)")
-    trust_remote_code: bool = Field(
-        False, description="vllm: run the Python code a model repository ships for its architecture or tokenizer; "
-        "that code can do anything this process can, so only for models you trust (also --trust-remote-code). "
-        "Off, a model that needs it is refused"
-    )
-    workers: int = Field(
-        1, ge=1, description="hf/vllm: data-parallel copies of the model, each a Ray actor (pip install 'factory[ray]'); "
-        "1 = one copy in this process, no Ray. Each stage batch (batch_size) is split across the copies"
-    )
-    ray_address: str | None = Field(
-        None, description="workers > 1: none starts a local Ray instance; 'auto' or 'ray://host:port' joins a cluster"
-    )
-    worker_cpus: float = Field(1.0, ge=0, description="workers > 1: CPUs Ray reserves for each copy (its torch threads)")
-    worker_gpus: float = Field(0.0, ge=0, description="workers > 1: GPUs Ray reserves for each copy (1: a GPU of its own)")
-
-    @field_validator("spec")
-    @classmethod
-    def _known_kind(cls, v: str) -> str:
-        kind = v.split(":", 1)[0]
-        if kind not in SPEC_KINDS:
-            raise ValueError(f"backend spec must start with one of {', '.join(SPEC_KINDS)} (e.g. hf:embedded), got {v!r}")
-        if kind == "openai" and "#" not in v:
-            raise ValueError(f"openai spec needs the model after '#': openai:http://127.0.0.1:8000/v1#model, got {v!r}")
-        if kind in ("hf", "vllm") and not v.partition(":")[2]:
-            raise ValueError(f"{kind} spec needs a model: {kind}:embedded or {kind}:/path/or/hub-id, got {v!r}")
-        return v
 
 
 class GenerateConfig(Strict):
@@ -292,36 +218,27 @@ class RunConfig(Strict):
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")  # a BOM, as some Windows editors write, is not part of the first key
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); "
-                          "save the file as UTF-8") from None
+    raw = read_bytes(path, ConfigError, missing="no such config file")
+    text = decode(path, raw, ConfigError, "; save the file as UTF-8")
     if path.suffix not in (".toml", ".yaml", ".yml"):
         raise ConfigError(f"{path}: expected a .toml, .yaml or .yml file")
-    duplicates = []
+    root = None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         else:
-            data = yaml.safe_load(text)  # data only: never constructs Python objects
-            duplicates = list(_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader)))  # TOML refuses them itself
+            data, root = load_yaml(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    except RecursionError:  # both parsers build nested tables and lists recursively
-        raise ConfigError(f"{path}: nested too deeply to read") from None
+    except ParseError as e:
+        if e.syntax:
+            raise ConfigError(f"{f'{path}:{e.line}' if e.line else path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: {e.detail}{' to read' if e.detail == TOO_DEEP else ''}") from None
+    except RecursionError:  # tomllib builds nested tables and lists recursively
+        raise ConfigError(f"{path}: {TOO_DEEP} to read") from None
     except ValueError:  # an integer past Python's 4300-digit limit for reading integers
-        raise ConfigError(f"{path}: a number with too many digits") from None
-    for line, loc, first in duplicates:
+        raise ConfigError(f"{path}: {TOO_MANY_DIGITS}") from None
+    for line, loc, first in duplicate_keys(root) if root is not None else ():  # TOML refuses them itself
         raise ConfigError(f"{path}:{line}: {_where(loc)}: duplicate key (first at line {first})")
     if data is None:
         data = {}
@@ -351,12 +268,8 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-_SHORT = reprlib.Repr()  # a value quoted back in a message: a huge or deeply nested one is cut short
-_SHORT.maxstring = 80
-
-
 def _where(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    return key_path(loc) or "(top level)"
 
 
 def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -370,10 +283,7 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> RunConfig:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else error_text(err)
             quiet = err["type"] in ("extra_forbidden", "missing", "value_error")
-            got = "" if quiet else f" (got {_SHORT.repr(err.get('input'))})"
-            lines.append(f"  {_where(err['loc'])}: {msg}{got}")
+            lines.append(f"  {_where(err['loc'])}: {msg}{'' if quiet else got(err.get('input'))}")
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(lines)) from None

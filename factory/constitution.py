@@ -14,16 +14,18 @@ literal brace on purpose. Rendering is one regex pass; nothing is ever formatted
 from __future__ import annotations
 
 import difflib
-import json
 import random
 import re
-import reprlib
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.inputs import (LONE_SURROGATE, YAML_KINDS, DuplicateKey, ParseError, decode, duplicate_keys, kind,
+                            load_json, load_yaml, read_bytes, valid_unicode, yaml_line)
+from factory.records import Strict, error_text, got, key_path
 
 ID = re.compile(r"[a-z0-9][a-z0-9_-]*")
 PLACEHOLDERS: dict[str, frozenset[str]] = {
@@ -73,22 +75,20 @@ def render(template: str, **values: str) -> str:
 def _not_blank(v: str) -> str:
     if not v.strip():
         raise ValueError("must not be empty")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:  # a "\ud800"-style escape: no prompt or record could hold it
-        raise ValueError("holds a lone surrogate escape (such as \\ud800); expected valid Unicode text") from None
+    if not valid_unicode(v):  # a "\ud800"-style escape: no prompt or record could hold it
+        raise ValueError(f"holds {LONE_SURROGATE}")
     return v
 
 
 Text = Annotated[str, AfterValidator(_not_blank)]
 
 
-class Strict(BaseModel):
-    # strict: a file that says `weight: true` or `critique: 3` is wrong, not converted
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Exact(Strict):
+    # strict types: a file that says `weight: true` or `critique: 3` is wrong, not converted
+    model_config = ConfigDict(strict=True)
 
 
-class Example(Strict):
+class Example(Exact):
     """A worked critique -> revision round, shown to the model as earlier chat turns. Literal text, not templates."""
 
     prompt: Text
@@ -98,7 +98,7 @@ class Example(Strict):
     principle: str | None = Field(None, description="id of the principle whose requests frame this example")
 
 
-class Principle(Strict):
+class Principle(Exact):
     """One rule, in the three forms the pipeline asks for it."""
 
     id: str = Field(description="unique; lowercase letters, digits, '-' and '_'")
@@ -134,7 +134,7 @@ class _Problems(ValueError):
         super().__init__("; ".join(f"{_where(loc, None)}: {msg}" for loc, msg in problems))
 
 
-class Constitution(Strict):
+class Constitution(Exact):
     """A named set of principles, with optional few-shot examples."""
 
     name: Text
@@ -181,131 +181,45 @@ class Constitution(Strict):
 
 def _where(loc: tuple, data: Any) -> str:
     """``principles[3] (id 'no-slurs').weight`` for the pydantic location ``("principles", 3, "weight")``."""
-    out = ""
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            out += f"[{part}]"
-            if loc[0] == "principles" and i == 1 and isinstance(data, dict):
-                items = data.get("principles")
-                item = items[part] if isinstance(items, list) and part < len(items) else None
-                if isinstance(item, dict) and isinstance(item.get("id"), str):
-                    out += f" (id {item['id']!r})"
-        else:
-            out += f".{part}" if out else str(part)
+    out = key_path(loc)
+    if len(loc) > 1 and loc[0] == "principles" and isinstance(loc[1], int) and isinstance(data, dict):
+        items, head = data.get("principles"), f"principles[{loc[1]}]"
+        item = items[loc[1]] if isinstance(items, list) and loc[1] < len(items) else None
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            out = f"{head} (id {item['id']!r})" + out[len(head):]
     return out or "(top level)"
-
-
-def _line(root: yaml.Node | None, loc: tuple) -> int | None:
-    """1-based line of what ``loc`` points at (a key's own line), or of the deepest part of it that exists."""
-    if root is None:
-        return None
-    node, line = root, root.start_mark.line + 1
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            hit = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
-            if hit is None:
-                break
-            line, node = hit[0].start_mark.line + 1, hit[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _duplicate_keys(node: yaml.Node, loc: tuple = (), seen: set | None = None):
-    """(line, key path, first line) for every key repeated within one mapping: YAML would keep the last silently."""
-    seen = set() if seen is None else seen
-    if id(node) in seen:  # aliases can make the tree a graph
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict[str, int] = {}
-        for k, v in node.value:
-            key = k.value if isinstance(k, yaml.ScalarNode) else None
-            if key is not None and key in first:
-                yield k.start_mark.line + 1, loc + (key,), first[key]
-            if key is not None:
-                first.setdefault(key, k.start_mark.line + 1)
-            yield from _duplicate_keys(v, loc + (key,), seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            yield from _duplicate_keys(v, loc + (i,), seen)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ConstitutionError(f"duplicate key {k!r} in a JSON object")
-        out[k] = v
-    return out
 
 
 def _read(path: Path) -> tuple[Any, yaml.Node | None]:
     """The file's data and, for YAML, its node tree (for line numbers). JSON if ``.json``, else YAML."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConstitutionError(f"{path}: no such file") from None
-    except OSError as e:
-        raise ConstitutionError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConstitutionError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    text = decode(path, read_bytes(path, ConstitutionError), ConstitutionError)
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(text, object_pairs_hook=_unique_keys), None
-        except json.JSONDecodeError as e:
-            raise ConstitutionError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
-        except ConstitutionError as e:
+            return load_json(text, unique_keys=True), None
+        except DuplicateKey as e:
             raise ConstitutionError(f"{path}: {e}") from None
-        except ValueError:  # a number past Python's 4300-digit limit for reading integers
-            raise ConstitutionError(f"{path}: invalid JSON: a number with too many digits") from None
-        except RecursionError:
-            raise ConstitutionError(f"{path}: invalid JSON: nested too deeply") from None
+        except ParseError as e:
+            raise ConstitutionError(f"{path}{f':{e.line}' if e.line else ''}: invalid JSON: {e}") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)  # data only: never constructs Python objects
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
-        raise ConstitutionError(f"{where}: invalid YAML: {e.problem or e.context}{context}") from None
-    except yaml.YAMLError as e:
-        raise ConstitutionError(f"{path}: invalid YAML: {e}") from None
-    except RecursionError:  # PyYAML builds nested collections recursively
-        raise ConstitutionError(f"{path}: invalid YAML: nested too deeply") from None
-    except ValueError:  # an integer past Python's 4300-digit limit for reading integers
-        raise ConstitutionError(f"{path}: invalid YAML: a number with too many digits") from None
+        data, root = load_yaml(text)
+    except ParseError as e:
+        raise ConstitutionError(f"{path}{f':{e.line}' if e.line else ''}: invalid YAML: {e}") from None
     if root is not None:
-        for line, loc, first in _duplicate_keys(root):
+        for line, loc, first in duplicate_keys(root):
             raise ConstitutionError(f"{path}:{line}: {_where(loc, data)}: duplicate key (first at line {first})")
     return data, root
 
 
-def _kind(v: Any) -> str:
-    return {type(None): "nothing", dict: "a mapping", list: "a list", str: "a string"}.get(type(v), type(v).__name__)
-
-
-_SHORT = reprlib.Repr()  # a value quoted back in a message: a huge or deeply nested one is cut short
-_SHORT.maxstring = 80
-
-
 def _message(err: dict) -> str:
-    loc, kind = err["loc"], err["type"]
-    if kind == "extra_forbidden":
+    loc, typ = err["loc"], err["type"]
+    if typ == "extra_forbidden":
         model = {"principles": Principle, "examples": Example}.get(loc[0]) if len(loc) == 3 else Constitution
         keys = list(model.model_fields) if model else []
         close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
         return f"unknown key (did you mean {close[0]!r}?)" if close else f"unknown key; expected one of {', '.join(keys)}"
-    if kind == "missing":
+    if typ == "missing":
         return "missing required key"
-    msg = err["msg"].removeprefix("Value error, ")
-    return msg if kind == "value_error" else f"{msg} (got {_SHORT.repr(err.get('input'))})"
+    return error_text(err) if typ == "value_error" else error_text(err) + got(err.get("input"))
 
 
 def _validate(data: dict, source: Path, root: yaml.Node | None = None) -> Constitution:
@@ -316,7 +230,7 @@ def _validate(data: dict, source: Path, root: yaml.Node | None = None) -> Consti
         for err in e.errors():
             problems = getattr(err.get("ctx", {}).get("error"), "problems", None)
             for loc, msg in problems or [(err["loc"], _message(err))]:
-                found.append((_line(root, loc) or 0, f"{_where(loc, data)}: {msg}"))
+                found.append((yaml_line(root, loc) or 0, f"{_where(loc, data)}: {msg}"))
         found.sort(key=lambda f: f[0])  # stable: file order where lines are known, pydantic's order otherwise
         raise ConstitutionError("\n".join(f"{source}{f':{n}' if n else ''}: {m}" for n, m in found)) from None
 
@@ -327,7 +241,7 @@ def load_constitution(path: Path) -> Constitution:
     data, root = _read(path)
     if not isinstance(data, dict):
         where = f"{path}:1" if root is not None or data is None else str(path)
-        raise ConstitutionError(f"{where}: expected a mapping with keys name, description, principles, got {_kind(data)}")
+        raise ConstitutionError(f"{where}: expected a mapping with keys name, description, principles, got {kind(data, YAML_KINDS)}")
     return _validate(data, path, root)
 
 

@@ -11,7 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from factory.constitution import Constitution, ConstitutionError, _kind, _read, _validate, load_constitution
+from factory.constitution import Constitution, ConstitutionError, _read, _validate, load_constitution
+from factory.inputs import YAML_KINDS, kind
 
 
 def _literal(text: str) -> str:
@@ -37,12 +38,12 @@ def _revision_from_judge(question: str) -> str:
 def _strings(obj: Any, keys: tuple[str, ...], where: str) -> list[str]:
     """The values of exactly ``keys`` in a JSON object, each a non-empty string."""
     if not isinstance(obj, dict):
-        raise ConstitutionError(f"{where}: expected an object with keys {', '.join(keys)}, got {_kind(obj)}")
+        raise ConstitutionError(f"{where}: expected an object with keys {', '.join(keys)}, got {kind(obj, YAML_KINDS)}")
     for k in obj.keys() - set(keys):
         raise ConstitutionError(f"{where}.{k}: unexpected key; expected {', '.join(keys)}")
     for k in keys:
         if not isinstance(obj.get(k), str):
-            raise ConstitutionError(f"{where}.{k}: expected a string, got {_kind(obj.get(k))}")
+            raise ConstitutionError(f"{where}.{k}: expected a string, got {kind(obj.get(k), YAML_KINDS)}")
         if not obj[k].strip():
             raise ConstitutionError(f"{where}.{k}: must not be empty")
     return [obj[k] for k in keys]
@@ -53,10 +54,10 @@ def _from_critic_revision(data: dict) -> tuple[list[dict], list[dict], str]:
         raise ConstitutionError(f"{k}: unexpected key; expected constitutions, system_chat")
     entries, chats = data["constitutions"], data.get("system_chat", [])
     if not isinstance(entries, list) or not entries:
-        got = "an empty list" if entries == [] else _kind(entries)
+        got = "an empty list" if entries == [] else kind(entries, YAML_KINDS)
         raise ConstitutionError(f"constitutions: expected a list of {{critic, revision}} objects, got {got}")
     if not isinstance(chats, list):
-        raise ConstitutionError(f"system_chat: expected a list of conversations, got {_kind(chats)}")
+        raise ConstitutionError(f"system_chat: expected a list of conversations, got {kind(chats, YAML_KINDS)}")
     principles, by_request = [], {}
     for i, entry in enumerate(entries):
         critic, revision = (s.strip() for s in _strings(entry, ("critic", "revision"), f"constitutions[{i}]"))
@@ -66,7 +67,7 @@ def _from_critic_revision(data: dict) -> tuple[list[dict], list[dict], str]:
     examples, roles = [], ("user", "assistant") * 3
     for i, chat in enumerate(chats):
         if not isinstance(chat, list) or len(chat) != 6:
-            got = f"{len(chat)} messages" if isinstance(chat, list) else _kind(chat)
+            got = f"{len(chat)} messages" if isinstance(chat, list) else kind(chat, YAML_KINDS)
             raise ConstitutionError(f"system_chat[{i}]: expected 6 messages alternating user/assistant (prompt, response, "
                                     f"critique request, critique, revision request, revision), got {got}")
         texts = []
@@ -96,13 +97,13 @@ def _from_edit_requests(data: dict) -> tuple[list[dict], list[dict], str]:
     principles, origin = [], {}
     for key, entry in data.items():
         if not isinstance(entry, dict) or entry.keys() != {"prompt", "edit_request"}:
-            got = ", ".join(entry) if isinstance(entry, dict) else _kind(entry)
+            got = ", ".join(entry) if isinstance(entry, dict) else kind(entry, YAML_KINDS)
             raise ConstitutionError(f"{key}: expected an object with keys prompt, edit_request, got {got}")
         prompts, edit = entry["prompt"], entry["edit_request"]
         if not isinstance(prompts, list) or len(prompts) != 1 or not isinstance(prompts[0], str):
-            raise ConstitutionError(f"{key}.prompt: expected a list of one string, got {_kind(prompts)}")
+            raise ConstitutionError(f"{key}.prompt: expected a list of one string, got {kind(prompts, YAML_KINDS)}")
         if not isinstance(edit, str):
-            raise ConstitutionError(f"{key}.edit_request: expected a string, got {_kind(edit)}")
+            raise ConstitutionError(f"{key}.edit_request: expected a string, got {kind(edit, YAML_KINDS)}")
         critique = _between(prompts[0], "CritiqueRequest:", "Critique:", f"{key}.prompt[0]")
         revision = _between(edit, "RevisionRequest:", "Revision:", f"{key}.edit_request")
         pid = re.sub(r"[^a-z0-9_-]+", "-", key.strip().lower()).strip("-_")
@@ -136,20 +137,20 @@ def import_constitution(path: Path, name: str | None = None) -> Constitution:
         return c.model_copy(update={"name": name}) if name else c
     try:
         if isinstance(data, dict) and "constitutions" in data:
-            principles, examples, kind = _from_critic_revision(data)
+            principles, examples, form = _from_critic_revision(data)
         elif isinstance(data, dict) and any(isinstance(v, dict) and "edit_request" in v for v in data.values()):
-            principles, examples, kind = _from_edit_requests(data)
+            principles, examples, form = _from_edit_requests(data)
         elif isinstance(data, list) and any(isinstance(q, str) for q in data):
-            principles, examples, kind = _from_judge_questions(data)
+            principles, examples, form = _from_judge_questions(data)
         else:
             raise ConstitutionError(
-                f"not a format I can import (got {_kind(data)}); expected one of:\n"
+                f"not a format I can import (got {kind(data, YAML_KINDS)}); expected one of:\n"
                 '  {"constitutions": [{"critic": ..., "revision": ...}], "system_chat": [[{"role", "content"}, ...]]}\n'
                 '  {"<id>": {"prompt": ["CritiqueRequest: ... Critique:"], "edit_request": "RevisionRequest: ... Revision:"}}\n'
                 '  ["<judge question>", ...]\n'
                 "  or a factory principle file (name, description, principles)")
     except ConstitutionError as e:
         raise ConstitutionError(f"{path}: {e}") from None
-    built = {"name": name or path.stem, "description": f"Imported from {path.name} ({kind}).",
+    built = {"name": name or path.stem, "description": f"Imported from {path.name} ({form}).",
              "principles": principles, "examples": examples}
     return _validate(built, path)

@@ -20,20 +20,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from factory.config import RunConfig
 from factory.constitution import Constitution, Principle, load_constitution, render
-from factory.failures import Failures
+from factory.inputs import load_prompts
 from factory.llm.base import Backend, Messages
-from factory.records import ChatExample, PreferencePair, Revision, Round, Task, file_sha256, work_key
-from factory.inputs import input_objects
-from factory.store import Store, StoreError, fixed_batches
+from factory.records import ChatExample, PreferencePair, Revision, Round, file_sha256, work_key
+from factory.stage import Context, Need, Stage
+from factory.stageloop import StageLoop
+from factory.store import Store
 from factory.summary import StageSummary
 
-OUTPUT = "revisions.jsonl"
-SFT = "sft.jsonl"
-PAIRS = "critique_pairs.jsonl"
+if TYPE_CHECKING:
+    from factory.config import RunConfig
+    from factory.layout import RunLayout
+
 CHANGE_QUESTION = "Does your critique say that the response should be changed? Answer Yes or No."
 
 
@@ -75,36 +76,14 @@ def change_messages(critique_msgs: Messages, critique: str) -> Messages:
     return critique_msgs + [{"role": "assistant", "content": critique}, {"role": "user", "content": CHANGE_QUESTION}]
 
 
-# -- prompts to work on -------------------------------------------------------------------------
-
-
-def load_prompts(path: Path | None, limit: int | None, run_dir: Path) -> list[tuple[str, str]]:
-    """(id, prompt) pairs: from a JSONL file of {"prompt": ...}, else from the run's tasks."""
-    out: list[tuple[str, str]] = []
-    if path is not None:
-        expected = "an object with a non-empty string 'prompt'"
-        for number, obj in input_objects(path, expected):
-            if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
-                raise StoreError(f"{path}:{number}: expected {expected}")
-            out.append((str(obj.get("id", f"line-{number}")), obj["prompt"]))
-    else:
-        tasks = run_dir / "tasks.jsonl"
-        if not tasks.is_file():
-            raise FileNotFoundError(f"{tasks}: no prompts; run bootstrap and instances first, or name a prompts file")
-        for t in Store(tasks, Task).records():
-            first = t.instances[0].input if t.instances else ""
-            out.append((t.key, f"{t.instruction}\n\n{first}" if first else t.instruction))
-    return out[:limit] if limit else out
-
-
 # -- the stage ----------------------------------------------------------------------------------
 
 
-def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+def run_critique(cfg: "RunConfig", backend: Backend, layout: "RunLayout") -> StageSummary:
     cc = cfg.critique
     constitution = load_constitution(cc.constitution)
     digest = file_sha256(cc.constitution)
-    prompts = load_prompts(cc.prompts, cc.limit, run_dir)
+    prompts = load_prompts(cc.prompts, cc.limit, layout.tasks)
     settings = {
         "model": backend.model_id,
         "constitution": digest,
@@ -117,88 +96,82 @@ def run_critique(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummar
         if key not in seen:  # a prompt given twice is one item; its first id names it
             seen.add(key)
             items.append((key, pid, text))
-    store = Store(run_dir / OUTPUT, Revision)
-    sft = Store(run_dir / SFT, ChatExample)
-    pairs = Store(run_dir / PAIRS, PreferencePair) if cc.pairs else None
+    store = Store(layout.revisions, Revision)
+    sft = Store(layout.sft_data, ChatExample)
+    pairs = Store(layout.critique_pairs, PreferencePair) if cc.pairs else None
     # A crash between the appends of one batch: complete the derived files from the revisions.
     keys = {k for k, _, _ in items}
     done = [r for r in store.records() if r.key in keys]
     _derive(done, sft, pairs, constitution.name)
-    todo = [it for it in items if it[0] not in store]
+    loop = StageLoop("critique", layout, items, key=lambda it: it[0], store=store, batch_size=cfg.backend.batch_size,
+                     unit="prompt")
     params = cc.params.model_copy(update={"n": 1})
-    written = 0
-    failures = Failures(run_dir, "critique")
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc="critique", unit="prompt") as bar:
-        for start, todo_batch in fixed_batches(items, cfg.backend.batch_size, lambda it: it[0] in store):
-            batch = [_Work(*it) for it in todo_batch]
-            bar_step = len(batch)
-            seed = cc.seed + start
-            # An item whose request fails for good leaves the batch at that step; the next run redoes it.
-
-            def ask(fn, work: list[_Work], requests, *args) -> list[tuple[_Work, list]]:
-                return failures.kept(fn, work, [w.key for w in work], requests, *args)
-
-            # 1. The model's own first answer.
-            firsts = ask(backend.generate, batch, [[{"role": "user", "content": w.text}] for w in batch],
-                         params.model_copy(update={"seed": seed}))
-            batch = [w for w, _ in firsts]
-            for w, c in firsts:
-                w.initial = w.latest = c[0].text
-            for r in range(cc.rounds):
-                # 2. A principle per prompt, drawn independently each round.
-                drawn = {w.key: constitution.sample(random.Random(f"{cc.seed}:{w.key}:{r}"))[0] for w in batch}
-                asks = {w.key: critique_messages(few_shot_turns(constitution, cc.few_shot, drawn[w.key]), w.text,
-                                                 w.latest, drawn[w.key]) for w in batch}
-                # 3. Critique the latest response under it.
-                got = ask(backend.generate, batch, [asks[w.key] for w in batch],
-                          params.model_copy(update={"seed": seed + 1 + 2 * r}))
-                batch = [w for w, _ in got]
-                critiques = {w.key: c[0].text for w, c in got}
-                # 4. Optionally ask whether the critique wants a change at all: a soft Yes/No, not parsed text.
-                p_change: dict[str, float | None] = dict.fromkeys(critiques)
-                if cc.skip_unchanged:
-                    scored = ask(backend.option_logprobs, batch,
-                                 [change_messages(asks[w.key], critiques[w.key]) for w in batch], ["Yes", "No"])
-                    batch = [w for w, _ in scored]
-                    p_change = {w.key: math.exp(sc["Yes"]) for w, sc in scored}
-                revise = [w for w in batch if p_change[w.key] is None or p_change[w.key] >= cc.skip_threshold]
-                # 5. Revise, given the critique.
-                revision_asks = {w.key: revision_messages(asks[w.key], critiques[w.key], w.text, w.latest,
-                                                          drawn[w.key]) for w in revise}
-                revised = ask(backend.generate, revise, [revision_asks[w.key] for w in revise],
-                              params.model_copy(update={"seed": seed + 2 + 2 * r}))
-                new_text = {w.key: c[0].text for w, c in revised}
-                batch = [w for w in batch if w.key not in failures]
-                for w in batch:
-                    w.rounds.append(Round(
-                        principle_id=drawn[w.key].id,
-                        critique_request=asks[w.key][-1]["content"],
-                        critique=critiques[w.key],
-                        p_change=p_change[w.key],
-                        revision_request=revision_asks[w.key][-1]["content"] if w.key in new_text else None,
-                        revision=new_text.get(w.key, w.latest),
-                        skipped=w.key not in new_text,
-                    ))
-                    w.latest = new_text.get(w.key, w.latest)
-            records = [
-                Revision(key=w.key, prompt_id=w.pid, prompt=w.text, constitution=constitution.name,
-                         constitution_sha256=digest, initial=w.initial, rounds=w.rounds, final=w.latest,
-                         model=backend.model_id)
-                for w in batch
-            ]
-            written += store.append(records)  # the source of truth first
-            _derive(records, sft, pairs, constitution.name)
-            failures.flush()
-            done += records
-            bar.update(bar_step)
+    failures = loop.failures
+    for start, todo_batch in loop.batches():
+        batch = [_Work(*it) for it in todo_batch]
+        seed = cc.seed + start
+        # An item whose request fails for good leaves the batch at that step; the next run redoes it.
+        ask = loop.ask
+        # 1. The model's own first answer.
+        firsts = ask(backend.generate, batch, [[{"role": "user", "content": w.text}] for w in batch],
+                     params.model_copy(update={"seed": seed}), keys=[w.key for w in batch])
+        batch = [w for w, _ in firsts]
+        for w, c in firsts:
+            w.initial = w.latest = c[0].text
+        for r in range(cc.rounds):
+            # 2. A principle per prompt, drawn independently each round.
+            drawn = {w.key: constitution.sample(random.Random(f"{cc.seed}:{w.key}:{r}"))[0] for w in batch}
+            asks = {w.key: critique_messages(few_shot_turns(constitution, cc.few_shot, drawn[w.key]), w.text,
+                                             w.latest, drawn[w.key]) for w in batch}
+            # 3. Critique the latest response under it.
+            got = ask(backend.generate, batch, [asks[w.key] for w in batch],
+                      params.model_copy(update={"seed": seed + 1 + 2 * r}), keys=[w.key for w in batch])
+            batch = [w for w, _ in got]
+            critiques = {w.key: c[0].text for w, c in got}
+            # 4. Optionally ask whether the critique wants a change at all: a soft Yes/No, not parsed text.
+            p_change: dict[str, float | None] = dict.fromkeys(critiques)
+            if cc.skip_unchanged:
+                scored = ask(backend.option_logprobs, batch,
+                             [change_messages(asks[w.key], critiques[w.key]) for w in batch], ["Yes", "No"],
+                             keys=[w.key for w in batch])
+                batch = [w for w, _ in scored]
+                p_change = {w.key: math.exp(sc["Yes"]) for w, sc in scored}
+            revise = [w for w in batch if p_change[w.key] is None or p_change[w.key] >= cc.skip_threshold]
+            # 5. Revise, given the critique.
+            revision_asks = {w.key: revision_messages(asks[w.key], critiques[w.key], w.text, w.latest,
+                                                      drawn[w.key]) for w in revise}
+            revised = ask(backend.generate, revise, [revision_asks[w.key] for w in revise],
+                          params.model_copy(update={"seed": seed + 2 + 2 * r}), keys=[w.key for w in revise])
+            new_text = {w.key: c[0].text for w, c in revised}
+            batch = [w for w in batch if w.key not in failures]
+            for w in batch:
+                w.rounds.append(Round(
+                    principle_id=drawn[w.key].id,
+                    critique_request=asks[w.key][-1]["content"],
+                    critique=critiques[w.key],
+                    p_change=p_change[w.key],
+                    revision_request=revision_asks[w.key][-1]["content"] if w.key in new_text else None,
+                    revision=new_text.get(w.key, w.latest),
+                    skipped=w.key not in new_text,
+                ))
+                w.latest = new_text.get(w.key, w.latest)
+        # 6. The revisions first (the source of truth), then the files derived from them.
+        records = [
+            Revision(key=w.key, prompt_id=w.pid, prompt=w.text, constitution=constitution.name,
+                     constitution_sha256=digest, initial=w.initial, rounds=w.rounds, final=w.latest,
+                     model=backend.model_id)
+            for w in batch
+        ]
+        loop.append(records)
+        _derive(records, sft, pairs, constitution.name)
+        done += records
     used = Counter(rd.principle_id for r in done for rd in r.rounds)
     skipped = sum(rd.skipped for r in done for rd in r.rounds)
     note = f"{cc.rounds} round(s) under '{constitution.name}'; principles used: " + ", ".join(
         f"{pid} {n}" for pid, n in used.most_common())
     if cc.skip_unchanged:
         note += f"; {skipped} revisions skipped as unchanged"
-    return StageSummary("critique", len(items), len(items) - len(todo), written, store.path, Counter(), note,
-                        failures.counts())
+    return loop.summary(note=note)
 
 
 @dataclass
@@ -224,3 +197,33 @@ def _derive(records: list[Revision], sft: Store, pairs: Store | None, constituti
             PreferencePair(key=r.key, prompt=r.prompt, chosen=r.final, rejected=r.initial, source=r.key)
             for r in records if r.key not in pairs and r.final.strip() != r.initial.strip()
         ])
+
+
+class Critique(Stage):
+    name = section = "critique"
+
+    def roles(self, cfg):
+        return ("generator",)
+
+    def user_files(self, cfg) -> list[Path]:
+        cc = cfg.critique
+        return [cc.constitution] + ([cc.prompts] if cc.prompts is not None else [])
+
+    def needs(self, cfg, layout) -> list[Need]:
+        if cfg.critique.prompts is not None:
+            return []
+        return [Need(layout.tasks, "no prompts to critique", "run instances first, or set critique.prompts")]
+
+    def writes(self, cfg, layout) -> list[Path]:
+        return [layout.revisions, layout.sft_data] + ([layout.critique_pairs] if cfg.critique.pairs else [])
+
+    def check(self, cfg) -> None:
+        load_constitution(cfg.critique.constitution)  # nothing runs on a half-valid constitution
+        if cfg.critique.prompts is not None:
+            load_prompts(cfg.critique.prompts, None, Path())
+
+    def run(self, ctx: Context) -> StageSummary:
+        return run_critique(ctx.cfg, ctx.model("generator"), ctx.layout)
+
+
+STAGE = Critique()

@@ -20,7 +20,6 @@ from factory.llm.base import BatchIncomplete
 from factory.records import Failure, work_key
 from factory.store import Store
 
-FILE = "failures.jsonl"
 R = TypeVar("R")
 T = TypeVar("T")
 
@@ -28,8 +27,9 @@ T = TypeVar("T")
 class Failures:
     """One stage's failures in one run: ``call`` the backend through it, ``flush`` after each batch."""
 
-    def __init__(self, run_dir: Path, stage: str):
-        self.path, self.stage = Path(run_dir) / FILE, stage
+    def __init__(self, path: Path, stage: str):
+        """``path``: the run's failures file (``RunLayout.failures``)."""
+        self.path, self.stage = Path(path), stage
         self.reasons: dict[str, str] = {}
         """item key -> why it failed, in this run"""
         self._flushed: set[str] = set()

@@ -1,6 +1,13 @@
-"""Users' files, read once and hardened once: prompt files, seed files, preference files and
-principle files. Every reader here names the file and line of the first thing wrong and what was
-expected there; stages and trainers call these readers and never parse a user's file themselves.
+"""Users' files, read once and hardened once: prompt files, seed files, preference files,
+principle files and run configs. Every reader names the file and line of the first thing wrong
+and what was expected there; stages and trainers call these readers and never parse a user's
+file themselves.
+
+The hardening lives here once: a UTF-8 BOM is dropped, bytes that are not UTF-8 name their
+line, JSON and YAML errors (numbers past Python's digit limit and deep nesting included) become
+a ``ParseError`` with its line, lone surrogates are refused before any record could hold one,
+and ``kind`` names a value's type in a message. The caller puts its own file-type wording
+around these (``SeedError``, ``ConstitutionError``, ``ConfigError``...).
 """
 
 from __future__ import annotations
@@ -9,8 +16,176 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import yaml
+
 from factory.records import Task
 from factory.store import Store, StoreError
+
+BOM = b"\xef\xbb\xbf"  # a BOM, as some Windows editors write: not part of the first line
+LONE_SURROGATE = "a lone surrogate escape (such as \\ud800); expected valid Unicode text"
+TOO_MANY_DIGITS = "a number with too many digits"  # past Python's 4300-digit limit for reading integers
+TOO_DEEP = "nested too deeply"
+
+JSON_KINDS: dict[type, str] = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+                               int: "a number", float: "a number", type(None): "null"}
+YAML_KINDS: dict[type, str] = {dict: "a mapping", list: "a list", str: "a string", type(None): "nothing"}
+
+
+def kind(value: Any, names: dict[type, str] = JSON_KINDS) -> str:
+    """What ``value`` is, for a message ("got an array"), in the words of a file type (``names``)."""
+    return names.get(type(value), type(value).__name__)
+
+
+class ParseError(ValueError):
+    """A text that does not parse as JSON or YAML: ``detail`` says why; ``line`` and ``column``
+    say where, when the parser knows. ``syntax`` is false for what the parser could not hold
+    (a number with too many digits, nesting too deep), which is not a typo."""
+
+    def __init__(self, detail: str, line: int | None = None, column: int | None = None, syntax: bool = True):
+        super().__init__(detail)
+        self.detail, self.line, self.column, self.syntax = detail, line, column, syntax
+
+    def __str__(self) -> str:
+        return f"{self.detail} (column {self.column})" if self.column else self.detail
+
+
+class DuplicateKey(ParseError):
+    """A JSON object names a key twice (``load_json(..., unique_keys=True)``)."""
+
+
+def read_bytes(path: Path, error: type[Exception] | None = None, *, missing: str | None = "no such file",
+               cannot: str = "cannot read") -> bytes:
+    """The bytes of a user's file, without a UTF-8 BOM.
+
+    A file that cannot be read is ``error("{path}: {missing}")`` when it does not exist (with
+    ``missing`` None, like any other) and ``error("{path}: {cannot}: {why}")`` otherwise; with no
+    ``error``, the ``OSError`` itself.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        if error is None:
+            raise
+        if missing is not None:
+            raise error(f"{path}: {missing}") from None
+        raise error(f"{path}: {cannot}: No such file or directory") from None
+    except OSError as e:
+        if error is None:
+            raise
+        raise error(f"{path}: {cannot}: {e.strerror or e}") from None
+    return raw.removeprefix(BOM)
+
+
+def decode(path: Path, raw: bytes, error: type[Exception], hint: str = "") -> str:
+    """``raw`` (a user's file, BOM dropped) as text; bytes that are not UTF-8 are ``error`` naming their line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}){hint}") from None
+
+
+def numbered_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of every non-blank line of a JSONL text.
+
+    Split on a newline only: str.splitlines() also breaks at U+2028 and friends, which JSON strings
+    may hold unescaped, and would cut a line in two and shift every number after it.
+    """
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield number, line
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateKey(f"duplicate key {k!r} in a JSON object")
+        out[k] = v
+    return out
+
+
+def load_json(text: str, *, unique_keys: bool = False) -> Any:
+    """The JSON value of ``text``; anything wrong is a ``ParseError`` (a ``DuplicateKey`` with ``unique_keys``)."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys if unique_keys else None)
+    except json.JSONDecodeError as e:
+        raise ParseError(e.msg, e.lineno, e.colno) from None
+    except DuplicateKey:
+        raise
+    except ValueError:  # a number past Python's 4300-digit limit for reading integers
+        raise ParseError(TOO_MANY_DIGITS, syntax=False) from None
+    except RecursionError:
+        raise ParseError(TOO_DEEP, syntax=False) from None
+
+
+def valid_unicode(value: Any) -> bool:
+    """Whether ``value`` (JSON data) can be written as UTF-8: JSON's \\ud800-style escapes can
+    smuggle in lone surrogates, which no record, prompt or file could then hold."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """The data of a YAML text (data only: never constructs Python objects) and its node tree,
+    for line numbers (``yaml_line``) and repeated keys (``duplicate_keys``); anything wrong is a
+    ``ParseError`` with the line where the parser knows it."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        context = f" ({e.context} at line {e.context_mark.line + 1})" if e.context and e.context_mark else ""
+        raise ParseError(f"{e.problem or e.context}{context}", mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as e:
+        raise ParseError(str(e)) from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ParseError(TOO_DEEP, syntax=False) from None
+    except ValueError:  # an integer past Python's 4300-digit limit for reading integers
+        raise ParseError(TOO_MANY_DIGITS, syntax=False) from None
+    return data, root
+
+
+def yaml_line(root: yaml.Node | None, loc: tuple) -> int | None:
+    """1-based line of what ``loc`` points at (a key's own line), or of the deepest part of it that exists."""
+    if root is None:
+        return None
+    node, line = root, root.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            hit = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+            if hit is None:
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def duplicate_keys(node: yaml.Node, loc: tuple = (), seen: set | None = None):
+    """(line, key path, first line) for every key repeated within one mapping: YAML would keep the last silently."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # aliases can make the tree a graph
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[str, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else None
+            if key is not None and key in first:
+                yield k.start_mark.line + 1, loc + (key,), first[key]
+            if key is not None:
+                first.setdefault(key, k.start_mark.line + 1)
+            yield from duplicate_keys(v, loc + (key,), seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from duplicate_keys(v, loc + (i,), seen)
 
 
 def task_prompt_text(task: Task) -> str:
@@ -38,33 +213,20 @@ def load_prompts(path: Path | None, limit: int | None, tasks: Path) -> list[tupl
 
 
 def input_objects(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, JSON value) of every non-blank line of a user's JSONL input file.
+    """(1-based line number, JSON object) of every non-blank line of a user's JSONL input file.
 
-    A line that is not JSON is an error naming the file and line. The value is whatever the
-    line holds; the caller checks its shape (``expected`` says what it should be, for the message
-    on a line that holds no object at all).
+    A line that is not JSON, or holds no object (``expected`` says what it should hold), is a
+    ``StoreError`` naming the file and line; the caller checks the object's shape. A file that
+    cannot be read raises its ``OSError``.
     """
-    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")  # a BOM, as some Windows editors write
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise StoreError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
+    text = decode(path, read_bytes(path), StoreError)
+    for number, line in numbered_lines(text):
         try:
-            obj = json.loads(line)
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # no record could hold a lone surrogate
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{path}:{number}: not a JSON object: {e.msg}") from None
-        except UnicodeEncodeError:
-            raise StoreError(f"{path}:{number}: a lone surrogate escape (such as \\ud800); expected valid Unicode "
-                             "text") from None
-        except ValueError:  # a number past Python's 4300-digit limit for reading integers
-            raise StoreError(f"{path}:{number}: not a JSON object: a number with too many digits") from None
-        except RecursionError:
-            raise StoreError(f"{path}:{number}: not a JSON object: nested too deeply") from None
+            obj = load_json(line)
+        except ParseError as e:
+            raise StoreError(f"{path}:{number}: not a JSON object: {e.detail}") from None
+        if not valid_unicode(obj):
+            raise StoreError(f"{path}:{number}: {LONE_SURROGATE}")
         if not isinstance(obj, dict):
             raise StoreError(f"{path}:{number}: expected {expected}")
         yield number, obj

@@ -15,19 +15,19 @@ import random
 import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from factory.config import RunConfig
-from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import Instance, Instruction, SeedTask, Task, file_sha256, work_key
 from factory.seeds import load_seeds
-from factory.store import Store, fixed_batches
+from factory.stage import Context, Need, Stage
+from factory.stageloop import StageLoop
+from factory.store import Store
 from factory.summary import StageSummary
 
-INPUT = "instructions.jsonl"
-OUTPUT = "tasks.jsonl"
+if TYPE_CHECKING:
+    from factory.config import RunConfig
+    from factory.layout import RunLayout
 
 # -- is it a classification task? ---------------------------------------------------------------
 
@@ -202,7 +202,7 @@ def filter_instances(instances: list[Instance], limit: int) -> tuple[list[Instan
 # -- the stage ----------------------------------------------------------------------------------
 
 
-def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
+def run_instances(cfg: "RunConfig", backend: Backend, layout: "RunLayout") -> StageSummary:
     ic = cfg.instances
     seeds = [t for path in cfg.bootstrap.seeds for t in load_seeds(path)]
     by_kind = {kind: [t for t in seeds if t.is_classification == kind and t.instances] for kind in (True, False)}
@@ -211,15 +211,16 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
         "config": ic.model_dump(mode="json", exclude={"max_instances"}),
         "seeds": [file_sha256(p) for p in cfg.bootstrap.seeds],
     }
-    source = run_dir / INPUT
+    source = layout.instructions
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no instructions to write instances for; run the bootstrap stage first")
     instructions = Store(source, Instruction).records()
-    store = Store(run_dir / OUTPUT, Task)
+    store = Store(layout.tasks, Task)
     items = [(work_key({"instruction": r.instruction}, settings), r) for r in instructions]
-    todo = [(k, r) for k, r in items if k not in store]
+    loop = StageLoop("instances", layout, items, key=lambda it: it[0], store=store, batch_size=cfg.backend.batch_size,
+                     unit="task")
     threshold = ic.classification_threshold
-    if threshold == "auto" and todo:
+    if threshold == "auto" and loop.skipped < len(items):
         # Calibrate on seed tasks whose kind is known: a small model's p(Yes) is informative
         # but rarely near 0.5, so a fixed cut would call nothing (or everything) classification.
         rng = random.Random(f"{ic.seed}:calibration")
@@ -230,49 +231,44 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
             ps = p_classification(backend, pos + neg)
             threshold = best_cut(ps[: len(pos)], ps[len(pos) :])
     params = ic.params.model_copy(update={"n": 1})
-    failures = Failures(run_dir, "instances")
-    written = 0
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc="instances", unit="task") as bar:
-        for start, batch in fixed_batches(items, cfg.backend.batch_size, lambda it: it[0] in store):
-            bar_step = len(batch)
-            # 1. Classification or not: a soft label from the Yes/No log-probabilities. An item whose
-            #    request failed for good drops out here (and at step 2); the next run does it again.
-            scored = failures.kept(backend.option_logprobs, batch, [k for k, _ in batch],
-                                   [classify_prompt(r.instruction) for _, r in batch], ["Yes", "No"])
-            batch, p_yes = [it for it, _ in scored], [math.exp(s["Yes"]) for _, s in scored]
-            kinds = [p >= threshold for p in p_yes]
-            # 2. Instances, output-first for classification tasks, input-first otherwise.
-            prompts = []
-            for (_, r), kind in zip(batch, kinds):
-                rng = random.Random(f"{ic.seed}:{r.instruction}")
-                examples = rng.sample(by_kind[kind], min(ic.few_shot, len(by_kind[kind])))
-                prompts.append(instance_prompt(r.instruction, kind, examples))
-            replies = failures.kept(backend.generate, list(zip(batch, p_yes, kinds)), [k for k, _ in batch], prompts,
-                                    params.model_copy(update={"seed": ic.seed + start}))
-            records = []
-            for ((key, r), p, kind), (reply,) in replies:
-                parsed, rejected = parse_instances(reply.text, kind, reply.finish_reason == "length")
-                kept, more, dropped = filter_instances(parsed, ic.max_instances)
-                records.append(
-                    Task(
-                        key=key,
-                        instruction_key=r.key,
-                        instruction=r.instruction,
-                        is_classification=kind,
-                        p_classification=p,
-                        threshold=threshold,
-                        instances=kept,
-                        reply=reply.text,
-                        finish_reason=reply.finish_reason,
-                        rejected=dict(rejected + more),
-                        dropped=dropped,
-                        model=backend.model_id,
-                        parse_error=None if parsed else "no instances could be parsed from the reply",
-                    )
+    for start, batch in loop.batches():
+        # 1. Classification or not: a soft label from the Yes/No log-probabilities. An item whose
+        #    request failed for good drops out here (and at step 2); the next run does it again.
+        scored = loop.ask(backend.option_logprobs, batch, [classify_prompt(r.instruction) for _, r in batch],
+                          ["Yes", "No"])
+        batch, p_yes = [it for it, _ in scored], [math.exp(s["Yes"]) for _, s in scored]
+        kinds = [p >= threshold for p in p_yes]
+        # 2. Instances, output-first for classification tasks, input-first otherwise.
+        prompts = []
+        for (_, r), kind in zip(batch, kinds):
+            rng = random.Random(f"{ic.seed}:{r.instruction}")
+            examples = rng.sample(by_kind[kind], min(ic.few_shot, len(by_kind[kind])))
+            prompts.append(instance_prompt(r.instruction, kind, examples))
+        replies = loop.ask(backend.generate, list(zip(batch, p_yes, kinds)), prompts,
+                           params.model_copy(update={"seed": ic.seed + start}), keys=[k for k, _ in batch])
+        # 3. Parse and filter each reply's instances; a task keeps its reply and what was refused.
+        records = []
+        for ((key, r), p, kind), (reply,) in replies:
+            parsed, rejected = parse_instances(reply.text, kind, reply.finish_reason == "length")
+            kept, more, dropped = filter_instances(parsed, ic.max_instances)
+            records.append(
+                Task(
+                    key=key,
+                    instruction_key=r.key,
+                    instruction=r.instruction,
+                    is_classification=kind,
+                    p_classification=p,
+                    threshold=threshold,
+                    instances=kept,
+                    reply=reply.text,
+                    finish_reason=reply.finish_reason,
+                    rejected=dict(rejected + more),
+                    dropped=dropped,
+                    model=backend.model_id,
+                    parse_error=None if parsed else "no instances could be parsed from the reply",
                 )
-            written += store.append(records)
-            failures.flush()
-            bar.update(bar_step)
+            )
+        loop.append(records)
     tasks = store.records()
     keys = {k for k, _ in items}
     mine = [t for t in tasks if t.key in keys]
@@ -288,5 +284,31 @@ def run_instances(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSumma
     if cuts:
         how = ", calibrated on the seeds" if ic.classification_threshold == "auto" else ""
         note += f" (p(Yes) >= {', '.join(map(str, cuts))}{how})"
-    return StageSummary("instances", len(items), len(items) - len(todo), written, store.path, rejected, note,
-                        failures.counts())
+    return loop.summary(rejected, note)
+
+
+class Instances(Stage):
+    name = section = "instances"
+    first_round_only = True
+
+    def roles(self, cfg):
+        return ("generator",)
+
+    def user_files(self, cfg) -> list[Path]:
+        return list(cfg.bootstrap.seeds)  # the worked examples come from the seed tasks
+
+    def needs(self, cfg, layout) -> list[Need]:
+        return [Need(layout.instructions, "no instructions to write instances for", "run the bootstrap stage first")]
+
+    def writes(self, cfg, layout) -> list[Path]:
+        return [layout.tasks]
+
+    def check(self, cfg) -> None:
+        for path in dict.fromkeys(cfg.bootstrap.seeds):
+            load_seeds(path)
+
+    def run(self, ctx: Context) -> StageSummary:
+        return run_instances(ctx.cfg, ctx.model("generator"), ctx.layout)
+
+
+STAGE = Instances()

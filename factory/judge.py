@@ -28,25 +28,23 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
-from tqdm import tqdm
-
-from factory.config import JudgeConfig, RunConfig
 from factory.constitution import Constitution, Principle, load_constitution, render
-from factory.critique import load_prompts
 from factory.failures import Failures
-from factory.llm.base import Backend, BatchIncomplete, GenParams, Messages
+from factory.inputs import input_objects, load_prompts
+from factory.llm.base import Backend, GenParams, Messages
 from factory.preferences import FORMATS, prompt_text, write_jsonl
 from factory.records import Comparison, Judgment, Preference, Record, Revision, file_sha256, work_key
-from factory.inputs import input_objects
-from factory.store import Store, StoreError, fixed_batches
+from factory.stage import Context, Need, Stage
+from factory.stageloop import StageLoop
+from factory.store import Store, StoreError
 from factory.summary import StageSummary
 
-OUTPUT = "judgments.jsonl"
-SAMPLES = "judge_samples.jsonl"
-PAIRS = "preferences.jsonl"
-EXPORTS = {"standard": "pairs_standard.jsonl", "conversational": "pairs_conversational.jsonl"}
+if TYPE_CHECKING:
+    from factory.config import JudgeConfig, RunConfig
+    from factory.layout import RunLayout
+
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 JUDGE_SYSTEM = "You are a fair judge of AI assistant replies. You answer with one letter."
 COT_SYSTEM = "You are a fair judge of AI assistant replies. You think before you answer."
@@ -117,26 +115,27 @@ def draw_principles(constitution: Constitution, rng: random.Random, count: int |
 
 def judge_groups(backend: Backend, groups: Sequence[Group], mode: Literal["pairwise", "choice"] = "pairwise",
                  cot: bool = False, band: tuple[float, float] = (0.4, 0.6), cot_max_tokens: int = 128,
-                 failed: dict[int, str] | None = None) -> list[list[Comparison]]:
+                 failures: Failures | None = None, keys: Sequence[str] = ()) -> list[list[Comparison]]:
     """Every comparison of every group, made in every presentation order, in as few batched calls as possible.
 
-    With ``failed`` given, a group one of whose requests failed for good is left out (its list stays
-    empty) and ``failed[group index]`` says why; without it such a failure is raised.
+    With ``failures`` (the stage's) and each group's item key in ``keys``, a group one of whose
+    requests failed for good is left out (its list stays empty; the item is in ``failures`` with
+    why); without it such a failure is raised.
     """
 
     def call(fn, idx: list[int], requests: list[Messages], *args) -> list:
         # idx: which asks the requests are; a failed one fails its group, whose other asks are skipped.
-        live = [(n, r) for n, r in zip(idx, requests) if shown[n][0] not in lost]
-        try:
+        live = [(n, r) for n, r in zip(idx, requests) if not lost(shown[n][0])]
+        if failures is None:
             results = fn([r for _, r in live], *args) if live else []
-        except BatchIncomplete as e:
-            if failed is None:
-                raise
-            results = e.results
-            for i, reason in e.reasons.items():
-                lost.setdefault(shown[live[i][0]][0], reason)
+        else:
+            results = failures.call(fn, [r for _, r in live], [keys[shown[n][0]] for n, _ in live], *args) \
+                if live else []
         got = dict(zip((n for n, _ in live), results))
-        return [got.get(n) if shown[n][0] not in lost else None for n in idx]
+        return [got.get(n) if not lost(shown[n][0]) else None for n in idx]
+
+    def lost(g: int) -> bool:
+        return failures is not None and keys[g] in failures
 
     asks: list[Messages] = []
     shown: list[tuple[int, Principle, tuple[int, ...]]] = []  # (group, principle, order) of each request
@@ -147,7 +146,6 @@ def judge_groups(backend: Backend, groups: Sequence[Group], mode: Literal["pairw
             for order in presentations(len(group.responses), mode):
                 asks.append(judge_messages(conversation, question, [group.responses[i] for i in order], cot))
                 shown.append((g, principle, order))
-    lost: dict[int, str] = {}
     reasoning = [""] * len(asks)
     if cot and asks:
         greedy = GenParams(temperature=0.0, max_tokens=cot_max_tokens)
@@ -159,12 +157,10 @@ def judge_groups(backend: Backend, groups: Sequence[Group], mode: Literal["pairw
         idx = [n for n, (_, _, order) in enumerate(shown) if len(order) == width]
         for n, s in zip(idx, call(backend.option_logprobs, idx, [asks[n] for n in idx], list(LETTERS[:width]))):
             scores[n] = s
-    if failed is not None:
-        failed.update(lost)
     # P(response i is better than j) in each order that shows both: p_i / (p_i + p_j) there.
     seen: dict[tuple[int, str, int, int], tuple[list[float], list[str]]] = {}
     for n, (g, principle, order) in enumerate(shown):
-        if g in lost:
+        if lost(g):
             continue
         prob = {resp: math.exp(scores[n][LETTERS[pos]]) for pos, resp in enumerate(order)}
         for i, j in itertools.combinations(sorted(order), 2):
@@ -236,11 +232,11 @@ def file_items(path: Path) -> list[tuple[str, Messages, list[str]]]:
     return out
 
 
-def load_items(cfg: RunConfig, run_dir: Path, settings: dict) -> list[Item]:
+def load_items(cfg: "RunConfig", layout: "RunLayout", settings: dict) -> list[Item]:
     jc = cfg.judge
     raw: list[tuple[str, Messages, list[str] | None]] = []
     if jc.candidates == "critique":
-        path = run_dir / "revisions.jsonl"
+        path = layout.revisions
         if not path.is_file():
             raise FileNotFoundError(f"{path}: nothing to judge; run the critique stage first")
         raw = [(r.key, [{"role": "user", "content": r.prompt}], [r.initial, r.final])
@@ -248,7 +244,7 @@ def load_items(cfg: RunConfig, run_dir: Path, settings: dict) -> list[Item]:
     elif jc.candidates == "file":
         raw = file_items(jc.responses)
     else:
-        raw = [(pid, [{"role": "user", "content": text}], None) for pid, text in load_prompts(jc.prompts, None, run_dir)]
+        raw = [(pid, [{"role": "user", "content": text}], None) for pid, text in load_prompts(jc.prompts, None, layout.tasks)]
     items, seen = [], set()
     for source, messages, responses in raw[: jc.limit] if jc.limit else raw:
         key = work_key({"messages": messages, "responses": responses}, settings)
@@ -278,31 +274,28 @@ class Sampled(Record):
     responses: list[str]
 
 
-def sample_all(generator: Backend, items: list[Item], per_batch: int, jc: JudgeConfig, run_dir: Path,
+def sample_all(generator: Backend, items: list[Item], per_batch: int, jc: "JudgeConfig", layout: "RunLayout",
                judged: Store[Judgment], failures: Failures) -> dict[str, list[str]]:
     """Step 1 with candidates = samples: the n responses of every item not judged yet, by key.
 
-    The batches and their seeds are the judging's (``fixed_batches`` over all items), so an item's
+    The batches and their seeds are the judging's (fixed batches over all items), so an item's
     responses do not depend on which run drew them. Each batch is appended before the next is
     drawn: a resumed run samples only what is not written. All are drawn before the first is
     judged, so the generator can be let go before the judge loads (one engine at a time).
     """
-    samples = Store(run_dir / SAMPLES, Sampled)
-    todo = [it for it in items if it.key not in judged]
-    with tqdm(total=len(todo), initial=sum(it.key in samples for it in todo), desc="judge: sample",
-              unit="prompt") as bar:
-        for start, batch in fixed_batches(items, per_batch, lambda it: it.key in judged or it.key in samples):
-            params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
-            # An item whose request failed for good is not written; the next run samples it again.
-            sampled = failures.kept(generator.generate, batch, [it.key for it in batch],
-                                    [it.messages for it in batch], params)
-            samples.append([Sampled(key=it.key, responses=[c.text for c in completions]) for it, completions in sampled])
-            failures.flush()
-            bar.update(len(batch))
+    samples = Store(layout.judge_samples, Sampled)
+    loop = StageLoop("judge", layout, items, key=lambda it: it.key, store=samples, batch_size=per_batch,
+                     unit="prompt", desc="judge: sample", done=lambda it: it.key in judged or it.key in samples,
+                     failures=failures)
+    for start, batch in loop.batches():
+        params = jc.params.model_copy(update={"n": jc.n, "seed": jc.seed + start})
+        # An item whose request failed for good is not written; the next run samples it again.
+        sampled = loop.ask(generator.generate, batch, [it.messages for it in batch], params)
+        loop.append([Sampled(key=it.key, responses=[c.text for c in completions]) for it, completions in sampled])
     return {s.key: s.responses for s in samples.records()}
 
 
-def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backend | None = None) -> StageSummary:
+def run_judge(cfg: "RunConfig", backend: Backend, layout: "RunLayout", generator: Backend | None = None) -> StageSummary:
     """Judge with ``backend``; with candidates = samples, ``generator`` (default: the judge itself)
     writes the responses: in a later RLAIF round it is the previous round's policy.
 
@@ -319,67 +312,104 @@ def run_judge(cfg: RunConfig, backend: Backend, run_dir: Path, generator: Backen
         "constitution": file_sha256(jc.constitution),
         "config": jc.model_dump(mode="json", exclude={"constitution", "responses", "prompts", "limit", "min_confidence"}),
     }
-    items = load_items(cfg, run_dir, settings)
-    store = Store(run_dir / OUTPUT, Judgment)
-    pairs = Store(run_dir / PAIRS, Preference)
+    items = load_items(cfg, layout, settings)
+    store = Store(layout.judgments, Judgment)
+    pairs = Store(layout.preferences, Preference)
     keys = {it.key for it in items}
     done = [j for j in store.records() if j.key in keys]
     made = [p for j in done for p in preferences(j, jc.min_confidence)]
     pairs.append([p for p in made if p.key not in pairs])  # pairs lost in a crash after their judgment
-    todo = [it for it in items if it.key not in store]
     # A batch holds about batch_size judge requests: n responses make n(n-1) ordered pairs each.
     k = jc.n if jc.candidates == "samples" else 2
     per_batch = max(1, cfg.backend.batch_size // (k * (k - 1)))
-    failures = Failures(run_dir, "judge")
+    loop = StageLoop("judge", layout, items, key=lambda it: it.key, store=store, batch_size=per_batch, unit="prompt")
     if jc.candidates == "samples":
         # 1. Sample the candidates (n per prompt), every batch of them before the first is judged.
-        drawn = sample_all(generator, items, per_batch, jc, run_dir, store, failures)
+        drawn = sample_all(generator, items, per_batch, jc, layout, store, loop.failures)
         for it in items:
             it.responses = drawn.get(it.key)
-    written = 0
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc="judge", unit="prompt") as bar:
-        for _, batch in fixed_batches(items, per_batch, lambda it: it.key in store):
-            bar_step = len(batch)
-            batch = [it for it in batch if it.responses is not None]  # not sampled: failed in step 1
-            # 2. Principles for each prompt, drawn by weight; identical responses are dropped.
-            groups = [Group(it.messages, _distinct(it.responses),
-                            draw_principles(constitution, random.Random(f"{jc.seed}:{it.key}"), jc.principles))
-                      for it in batch]
-            judged = [g for g in groups if len(g.responses) >= 2]
-            # 3. Judge every comparison in every order (one batched scoring call).
-            mode = "choice" if jc.kway == "choice" else "pairwise"
-            lost: dict[int, str] = {}
-            results = iter(judge_groups(backend, judged, mode, jc.cot, jc.cot_band, jc.cot_max_tokens, lost))
-            judged_items = [it for it, g in zip(batch, groups) if len(g.responses) >= 2]
-            for n, reason in lost.items():
-                failures.fail(judged_items[n].key, reason)
-            records = []
-            for it, g in zip(batch, groups):
-                ok = len(g.responses) >= 2
-                comparisons = next(results) if ok else []
-                if it.key in failures:
-                    continue
-                records.append(Judgment(
-                    key=it.key, prompt=prompt_text(it.messages), messages=it.messages, responses=g.responses,
-                    candidates=jc.candidates, source=it.source, principles=[p.id for p in g.principles],
-                    mode="choice" if ok and len(g.responses) > 2 and jc.kway == "choice" else "pairwise",
-                    comparisons=comparisons, dropped=None if ok else "identical_responses",
-                    judge_model=backend.model_id,
-                ))
-            written += store.append(records)  # the source of truth first
-            new = [p for j in records for p in preferences(j, jc.min_confidence)]
-            pairs.append(new)
-            failures.flush()
-            made += new
-            done += records
-            bar.update(bar_step)
-    for name, path in EXPORTS.items():
-        write_jsonl(run_dir / path, FORMATS[name](made))
+    for _, batch in loop.batches():
+        batch = [it for it in batch if it.responses is not None]  # not sampled: failed in step 1
+        # 2. Principles for each prompt, drawn by weight; identical responses are dropped.
+        groups = [Group(it.messages, _distinct(it.responses),
+                        draw_principles(constitution, random.Random(f"{jc.seed}:{it.key}"), jc.principles))
+                  for it in batch]
+        judged = [(it, g) for it, g in zip(batch, groups) if len(g.responses) >= 2]
+        # 3. Judge every comparison in every order (one batched scoring call); an item one of whose
+        #    requests failed for good is left out, and logged.
+        mode = "choice" if jc.kway == "choice" else "pairwise"
+        results = iter(judge_groups(backend, [g for _, g in judged], mode, jc.cot, jc.cot_band, jc.cot_max_tokens,
+                                    loop.failures, [it.key for it, _ in judged]))
+        records = []
+        for it, g in zip(batch, groups):
+            ok = len(g.responses) >= 2
+            comparisons = next(results) if ok else []
+            if it.key in loop.failures:
+                continue
+            records.append(Judgment(
+                key=it.key, prompt=prompt_text(it.messages), messages=it.messages, responses=g.responses,
+                candidates=jc.candidates, source=it.source, principles=[p.id for p in g.principles],
+                mode="choice" if ok and len(g.responses) > 2 and jc.kway == "choice" else "pairwise",
+                comparisons=comparisons, dropped=None if ok else "identical_responses",
+                judge_model=backend.model_id,
+            ))
+        # 4. The judgments first (the source of truth), then the pairs derived from them.
+        loop.append(records)
+        new = [p for j in records for p in preferences(j, jc.min_confidence)]
+        pairs.append(new)
+        made += new
+        done += records
+    exports = {style: layout.pairs(style) for style in FORMATS}
+    for style, path in exports.items():
+        write_jsonl(path, FORMATS[style](made))
     flips = sum(not p.consistent for p in made)
-    note = (f"{len(made)} pairs under '{constitution.name}' -> {PAIRS}, {', '.join(EXPORTS.values())}; "
+    note = (f"{len(made)} pairs under '{constitution.name}' -> {layout.preferences.name}, "
+            f"{', '.join(p.name for p in exports.values())}; "
             f"position flips {flips}/{len(made)}; flagged low-confidence {sum(p.low_confidence for p in made)}")
     if made:
         note += f"; mean p_chosen {sum(p.p_chosen for p in made) / len(made):.3f}"
-    rejected = Counter(j.dropped for j in done if j.dropped)
-    return StageSummary("judge", len(items), len(items) - len(todo), written, store.path, rejected, note,
-                        failures.counts())
+    return loop.summary(Counter(j.dropped for j in done if j.dropped), note)
+
+
+class Judge(Stage):
+    name = section = "judge"
+
+    def roles(self, cfg):
+        return ("generator", "judge") if cfg.judge.candidates == "samples" else ("judge",)
+
+    def user_files(self, cfg) -> list[Path]:
+        jc = cfg.judge
+        return [jc.constitution] + [f for f in (jc.responses, jc.prompts) if f is not None]
+
+    def needs(self, cfg, layout) -> list[Need]:
+        jc = cfg.judge
+        if jc.candidates == "critique":
+            return [Need(layout.revisions, "nothing to judge", "run the critique stage first, or set judge.candidates "
+                         "to samples or file")]
+        if jc.candidates == "samples" and jc.prompts is None:
+            return [Need(layout.tasks, "no prompts to sample responses for", "run instances first, or set judge.prompts")]
+        return []
+
+    def writes(self, cfg, layout) -> list[Path]:
+        return [layout.judgments, layout.preferences] + [layout.pairs(style) for style in FORMATS] + (
+            [layout.judge_samples] if cfg.judge.candidates == "samples" else [])
+
+    def check(self, cfg) -> None:
+        jc = cfg.judge
+        load_constitution(jc.constitution)
+        if jc.candidates == "file":
+            file_items(jc.responses)
+        elif jc.candidates == "samples" and jc.prompts is not None:
+            load_prompts(jc.prompts, None, Path())
+
+    def run(self, ctx: Context) -> StageSummary:
+        # With sampled candidates the generator samples every prompt first, then the judge loads
+        # (letting the generator go, when they differ) and judges: one engine at a time.
+        if ctx.cfg.judge.candidates == "samples":
+            generator, judge = ctx.model("generator", lazy=True), ctx.model("judge", lazy=True)
+            if generator is not judge:  # the same model (spec) samples and judges: one engine, loaded now
+                return run_judge(ctx.cfg, judge, ctx.layout, generator=generator)
+        return run_judge(ctx.cfg, ctx.model("judge"), ctx.layout)
+
+
+STAGE = Judge()

@@ -8,19 +8,25 @@ of the headline figure; keeping the per-order values shows how large that bias i
 The functions at the top turn those soft labels into figures: accuracy with a Wilson interval,
 position-flip rate and first-position preference, the calibration of the judge's confidence
 (expected calibration error and its bins), and a per-principle breakdown. They are pure, so the
-figures can be checked by hand; the driver that runs the judge comes after them.
+figures can be checked by hand; the driver that runs the judge comes after them, then the
+settings of one evaluation (``JudgeEvalConfig``, which validates them) and ``run_judge_eval``,
+the entry the command calls.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm import tqdm
 
+from factory.llm.settings import BackendConfig
 from factory.constitution import Constitution
 from factory.judge import Group, draw_principles, judge_groups
 from factory.llm.base import Backend
@@ -186,9 +192,9 @@ def eval_item(comparisons: Sequence[Comparison]) -> EvalItem:
                     per_principle={c.principle_id: c.p for c in comparisons})
 
 
-def run_judge_eval(backend: Backend, pairs: Sequence[Preference], constitution: Constitution,
-                   principles: int | Literal["all"] = 1, cot: bool = False, band: tuple[float, float] = (0.4, 0.6),
-                   cot_max_tokens: int = 128, seed: int = 0, batch: int = 32) -> tuple[dict, list[EvalItem]]:
+def judge_pairs(backend: Backend, pairs: Sequence[Preference], constitution: Constitution,
+                principles: int | Literal["all"] = 1, cot: bool = False, band: tuple[float, float] = (0.4, 0.6),
+                cot_max_tokens: int = 128, seed: int = 0, batch: int = 32) -> tuple[dict, list[EvalItem]]:
     """Judge every human-labelled pair (human's choice as response 0) and report the agreement.
 
     Principles are drawn per pair as the judge stage draws them, so the breakdown shows each
@@ -207,3 +213,110 @@ def run_judge_eval(backend: Backend, pairs: Sequence[Preference], constitution: 
     report["constitution"] = constitution.name
     report["settings"] = {"principles": principles, "cot": cot, "cot_band": list(band) if cot else None, "seed": seed}
     return report, items
+
+
+# -- the settings of one evaluation, and the entry that runs it ---------------------------------
+
+
+class JudgeEvalError(ValueError):
+    """An evaluation that cannot run as set up; ``field``, if set, names the setting at fault (the
+    command's option), else the message names the file."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class JudgeEvalConfig(BaseModel):
+    """`factory judge-eval`: which human-labelled pairs the judge reads, and how it judges them.
+
+    Each field is one of the command's options (``cot_band`` is ``--cot-band``); all the
+    validation of those options is here.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pairs: Path = Field(description="JSONL of human-labelled pairs")
+    format: Literal["hh", "factory"] = Field(
+        "hh", description="hh: {'chosen', 'rejected'} Human/Assistant dialogues; factory: Preference records "
+        "(chosen = the human's choice)")
+    constitution: Path = Field(Path("principles/harmless.yaml"),
+                               description="principle file whose judge questions are asked")
+    principles: int | Literal["all"] = Field(
+        1, description="principles drawn per pair (their labels averaged), or 'all' for every principle on every pair")
+    cot: bool = Field(False, description="the judge reasons first; its labels are clamped to cot_band")
+    cot_band: tuple[float, float] = Field((0.4, 0.6), description="cot: LOW HIGH, the range a reasoned label is "
+                                          "clamped to (0 <= LOW <= 0.5 <= HIGH <= 1)")
+    backend: str = Field("hf:embedded", description="the judge model's backend spec")
+    batch_size: int = Field(32, ge=1, description="pairs judged per batch")
+    limit: int | None = Field(None, ge=0, description="judge only the first N pairs (none or 0: all)")
+    seed: int = Field(0, description="seed for the principle draws")
+    report: Path | None = Field(None, description="also write the figures as JSON here")
+
+    @field_validator("principles", mode="before")
+    @classmethod
+    def _count(cls, v):
+        count = int(v) if isinstance(v, str) and v.isdigit() else v
+        if count != "all" and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"expected a positive number or 'all', got {v!r}")
+        return count
+
+    @field_validator("cot_band")
+    @classmethod
+    def _band(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= 0.5 <= v[1] <= 1:
+            raise ValueError(f"expected LOW HIGH with 0 <= LOW <= 0.5 <= HIGH <= 1, got {v}")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        try:
+            BackendConfig(spec=v)
+        except ValidationError as e:
+            raise ValueError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+        return v
+
+    def backend_config(self) -> BackendConfig:
+        """The judge's backend: two requests (the two orders) per pair of a batch."""
+        return BackendConfig(spec=self.backend, batch_size=self.batch_size * 2)
+
+
+def load_pairs(cfg: JudgeEvalConfig) -> list[Preference]:
+    """The human-labelled pairs to judge, the first ``limit`` of them; none is an error."""
+    from factory.preferences import import_hh
+    from factory.store import read_jsonl
+
+    labelled = import_hh(cfg.pairs)[0] if cfg.format == "hh" else read_jsonl(cfg.pairs, Preference)
+    labelled = labelled[: cfg.limit] if cfg.limit else labelled
+    if not labelled:
+        raise JudgeEvalError(f"{cfg.pairs}: no pairs to evaluate")
+    return labelled
+
+
+def run_judge_eval(cfg: JudgeEvalConfig, backend: Backend | None = None) -> dict:
+    """Judge ``cfg.pairs`` with ``cfg``'s judge and return the figures (``agreement_report`` with the
+    judge's model id, the constitution, the settings and the pairs file); written to
+    ``cfg.report`` too if set. ``backend`` stands for the configured one (tests); it is not closed."""
+    from factory.atomic import write_atomic
+    from factory.constitution import load_constitution
+    from factory.llm import load_backend
+
+    constitution = load_constitution(cfg.constitution)
+    labelled = load_pairs(cfg)
+    judge = backend
+    if judge is None:
+        try:
+            judge = load_backend(cfg.backend_config())
+        except ValueError as e:  # a model the backend refuses to load as given (e.g. pickled weights)
+            raise JudgeEvalError(str(e), field="backend") from None
+    try:
+        figures, _ = judge_pairs(judge, labelled, constitution, cfg.principles, cfg.cot, cfg.cot_band,
+                                 seed=cfg.seed, batch=cfg.batch_size)
+    finally:
+        if backend is None:
+            judge.close()
+    figures["pairs_file"] = str(cfg.pairs)
+    if cfg.report is not None:
+        write_atomic(cfg.report, json.dumps(figures, indent=2) + "\n")
+    return figures

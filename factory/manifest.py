@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 import factory
+from factory.atomic import write_atomic
 from factory.config import RunConfig
 from factory.records import file_sha256
 from factory.store import StoreError
-
-NAME = "manifest.json"
 
 
 def _versions() -> dict[str, str]:
@@ -36,10 +34,10 @@ def _versions() -> dict[str, str]:
     }
 
 
-def write_manifest(run_dir: Path, cfg: RunConfig, backend: dict[str, Any], inputs: Iterable[Path]) -> dict[str, Any]:
+def write_manifest(path: Path, cfg: RunConfig, backend: dict[str, Any], inputs: Iterable[Path]) -> dict[str, Any]:
+    """Write the manifest at ``path`` (the run layout's ``manifest``), keeping earlier ones as history."""
     config = cfg.model_dump(mode="json")
     config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    path = run_dir / NAME
     history: list[dict[str, str]] = []
     if path.is_file():
         try:
@@ -56,16 +54,8 @@ def write_manifest(run_dir: Path, cfg: RunConfig, backend: dict[str, Any], input
         "inputs": {str(p): file_sha256(p) for p in sorted(set(inputs))},
         "history": history,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{NAME}.tmp")  # fixed: a kill's leftover is overwritten by the next run
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old manifest or the new one, never half of one
+    try:  # readers see the old manifest or the new one, never half of one
+        write_atomic(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:  # a full disk, a read-only folder: the old manifest stays as it was
-        tmp.unlink(missing_ok=True)
         raise StoreError(f"{path}: cannot write the run's manifest: {e.strerror or e}") from e
     return manifest

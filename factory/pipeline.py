@@ -1,139 +1,77 @@
-"""Run the stages a config names, in order, in one run folder."""
+"""Run the stages a config names, in order, in one run folder (or one per round).
+
+The pipeline knows no stage by heart: each stage module exposes a ``STAGE`` object (the contract
+is ``factory/stage.py``) declaring the files it reads and writes. From those declarations the
+pipeline checks a run's inputs before any model loads, orders the rounds, hands out backends (at
+most one engine alive at a time) and writes the manifest. ``factory run`` and each stage's and
+trainer's own command come through ``run_stages``.
+"""
 
 from __future__ import annotations
 
 import gc
-import os
-import shutil
+import importlib
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from factory.config import TRAIN_STAGES, RunConfig
-from factory.bootstrap import run_bootstrap
-from factory.constitution import load_constitution
-from factory.critique import load_prompts, run_critique
-from factory.generate import run_generate
-from factory.instances import run_instances
-from factory.judge import file_items, run_judge
+from factory.atomic import copy_atomic
+from factory.config import RunConfig
 from factory.layout import RunLayout
 from factory.llm import load_backend
 from factory.llm.base import Backend, Completion, GenParams, Messages
 from factory.manifest import write_manifest
-from factory.rerank import run_rerank
-from factory.seeds import load_seeds
+from factory.stage import Context, Role, Stage
 from factory.summary import StageSummary
 
-StageFn = Callable[[RunConfig, Backend, Path], StageSummary]
-STAGE_FNS: dict[str, StageFn] = {  # the data stages; the trainers (TRAIN_STAGES) run through run_train
-    "generate": run_generate,
-    "bootstrap": run_bootstrap,
-    "instances": run_instances,
-    "critique": run_critique,
-    "judge": run_judge,
-    "rerank": run_rerank,
+STAGES: dict[str, str] = {
+    "generate": "factory.generate",
+    "bootstrap": "factory.bootstrap",
+    "instances": "factory.instances",
+    "critique": "factory.critique",
+    "judge": "factory.judge",
+    "rerank": "factory.rerank",
+    "sft": "factory.train.sft",
+    "rm": "factory.train.reward",
+    "ppo": "factory.train.ppo",
 }
+"""every stage by name, and the module that holds its ``STAGE`` (imported when a run lists it:
+a run without trainers never imports torch's training stack)"""
 
 
-def seed_files(cfg: RunConfig) -> list[Path]:
-    """The seed files the configured stages read."""
-    files: list[Path] = []
-    if "generate" in cfg.stages:
-        files += cfg.generate.seeds
-    if "bootstrap" in cfg.stages or "instances" in cfg.stages:
-        files += cfg.bootstrap.seeds  # instances take their worked examples from the seeds too
-    return files
+def stage(name: str) -> Stage:
+    return importlib.import_module(STAGES[name]).STAGE
 
 
 def input_files(cfg: RunConfig) -> list[Path]:
-    """Every file the configured stages read, for the manifest's hashes."""
-    files = seed_files(cfg)
-    if "critique" in cfg.stages:
-        files.append(cfg.critique.constitution)
-        if cfg.critique.prompts is not None:
-            files.append(cfg.critique.prompts)
-    if "judge" in cfg.stages:
-        files.append(cfg.judge.constitution)
-        files += [f for f in (cfg.judge.responses, cfg.judge.prompts) if f is not None]
-    if "rerank" in cfg.stages and cfg.rerank.prompts is not None:
-        files.append(cfg.rerank.prompts)
-    named = {"sft": [cfg.sft.data], "rm": [cfg.rm.pairs, cfg.rm.reference], "ppo": [cfg.ppo.prompts, cfg.ppo.sft_data]}
-    for stage in TRAIN_STAGES:
-        if stage in cfg.stages:
-            files += [Path(f) for f in named[stage] if f is not None]
-    return files
+    """Every file the config names for its stages to read, for the manifest's hashes."""
+    return [Path(f) for name in cfg.stages for f in stage(name).user_files(cfg)]
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Fail before a model is loaded when an input file is missing or malformed."""
+    """Fail before a model is loaded when an input is missing or malformed.
+
+    Derived from the stages' declarations: every file the config names exists and passes its
+    stage's ``check``; every run file a stage needs exists, or an earlier stage in the list writes it.
+    """
+    stages = [stage(name) for name in cfg.stages]
     for path in input_files(cfg):
-        if not Path(path).is_file():
+        if not path.is_file():
             raise FileNotFoundError(f"{path}: input file not found (named in the config)")
-    for path in dict.fromkeys(seed_files(cfg)):
-        load_seeds(path)
-    if "critique" in cfg.stages:
-        load_constitution(cfg.critique.constitution)  # nothing runs on a half-valid constitution
-        if cfg.critique.prompts is not None:
-            load_prompts(cfg.critique.prompts, None, cfg.run_dir)
-    if "judge" in cfg.stages:
-        load_constitution(cfg.judge.constitution)
-        if cfg.judge.candidates == "file":
-            file_items(cfg.judge.responses)
-        elif cfg.judge.candidates == "samples" and cfg.judge.prompts is not None:
-            load_prompts(cfg.judge.prompts, None, cfg.run_dir)
-    if "rerank" in cfg.stages and cfg.rerank.prompts is not None:
-        load_prompts(cfg.rerank.prompts, None, cfg.run_dir)
-    made_here = cfg.run_dir / "instructions.jsonl"
-    if "instances" in cfg.stages and "bootstrap" not in cfg.stages and not made_here.is_file():
-        raise FileNotFoundError(f"{made_here}: no instructions to write instances for; run the bootstrap stage first")
-    tasks_here = cfg.run_dir / "tasks.jsonl"
-    needs_tasks = "critique" in cfg.stages and cfg.critique.prompts is None and "instances" not in cfg.stages
-    if needs_tasks and not tasks_here.is_file():
-        raise FileNotFoundError(f"{tasks_here}: no prompts to critique; run instances first, or set critique.prompts")
-    jc = cfg.judge
-    if "judge" in cfg.stages and jc.candidates == "critique" and "critique" not in cfg.stages:
-        if not (cfg.run_dir / "revisions.jsonl").is_file():
-            raise FileNotFoundError(f"{cfg.run_dir / 'revisions.jsonl'}: nothing to judge; run the critique stage "
-                                    "first, or set judge.candidates to samples or file")
-    if "judge" in cfg.stages and jc.candidates == "samples" and jc.prompts is None and "instances" not in cfg.stages:
-        if not tasks_here.is_file():
-            raise FileNotFoundError(f"{tasks_here}: no prompts to sample responses for; run instances first, "
-                                    "or set judge.prompts")
-    if "sft" in cfg.stages and cfg.sft.data is None and "critique" not in cfg.stages:
-        if not (cfg.run_dir / "sft.jsonl").is_file():
-            raise FileNotFoundError(f"{cfg.run_dir / 'sft.jsonl'}: nothing to fine-tune on; run the critique stage "
-                                    "first, or set sft.data")
-    if "rm" in cfg.stages and cfg.rm.pairs is None and "judge" not in cfg.stages:
-        if not (cfg.run_dir / "preferences.jsonl").is_file():
-            raise FileNotFoundError(f"{cfg.run_dir / 'preferences.jsonl'}: no preference pairs to train the reward "
-                                    "model on; run the judge stage first, or set rm.pairs")
-    if "ppo" in cfg.stages:
-        rm = cfg.ppo.reward_model or RunLayout.of(cfg).rm_model
-        if "rm" not in cfg.stages and not Path(rm).is_dir():
-            raise FileNotFoundError(f"{rm}: no reward model for PPO; add the rm stage, run `factory train rm`, "
-                                    "or set ppo.reward_model")
-        if cfg.ppo.prompts is None and "instances" not in cfg.stages and not tasks_here.is_file():
-            raise FileNotFoundError(f"{tasks_here}: no prompts for PPO; run instances first, or set ppo.prompts")
-    if "rerank" in cfg.stages:
-        rm = cfg.rerank.reward_model or RunLayout.of(cfg).rm_model
-        rm_first = "rm" in cfg.stages and cfg.stages.index("rm") < cfg.stages.index("rerank")
-        if not rm_first and not Path(rm).is_dir():
-            raise FileNotFoundError(f"{rm}: no reward model to rerank with; run `factory train rm` first, "
-                                    "or set rerank.reward_model")
-        if cfg.rerank.prompts is None and "instances" not in cfg.stages and not tasks_here.is_file():
-            raise FileNotFoundError(f"{tasks_here}: no prompts to rerank; run instances first, or set rerank.prompts")
-
-
-GENERATOR_STAGES = ("generate", "bootstrap", "instances", "critique", "rerank")
-"""stages whose text the policy writes; the judge stage asks the backend's model, every round"""
-FIRST_ROUND_ONLY = ("generate", "bootstrap", "instances")
-"""later rounds reuse round 1's tasks: the prompts stay, the answers change"""
+    for st in stages:
+        st.check(cfg)
+    layout = RunLayout.of(cfg)
+    made: set[Path] = set()
+    for st in stages:
+        for need in st.needs(cfg, layout):
+            if need.path not in made and not need.path.exists():
+                raise FileNotFoundError(need.message())
+        made.update(st.writes(cfg, layout))
 
 
 def round_dirs(run_dir: Path) -> list[Path]:
     """The folders of a run's rounds, in order: round-1, round-2, ... or the run folder itself."""
-    rounds = [p for p in Path(run_dir).glob("round-*") if p.is_dir() and p.name[6:].isdigit()]
-    return sorted(rounds, key=lambda p: int(p.name[6:])) or [Path(run_dir)]
+    return RunLayout(Path(run_dir)).round_dirs()
 
 
 def round_config(cfg: RunConfig, r: int) -> RunConfig:
@@ -142,8 +80,9 @@ def round_config(cfg: RunConfig, r: int) -> RunConfig:
         return cfg
     update: dict = {"output_dir": cfg.run_dir, "name": f"round-{r}", "rounds": 1}
     if r > 1:
-        previous = str(RunLayout.of(cfg, cfg.run_dir / f"round-{r - 1}").policy_model)
-        update["stages"] = [s for s in cfg.stages if s not in FIRST_ROUND_ONLY]
+        previous = str(RunLayout.of(cfg).round(r - 1).policy_model)
+        # Later rounds reuse round 1's tasks: the prompts stay, the answers change.
+        update["stages"] = [s for s in cfg.stages if not stage(s).first_round_only]
         # The loop: round r fine-tunes (sft) and optimises (ppo) the policy round r-1 ended with,
         # which is also the KL reference of its PPO.
         update["sft"] = cfg.sft.model_copy(update={"model": previous})
@@ -156,18 +95,15 @@ def policy_spec(cfg: RunConfig, r: int) -> str:
     if r == 1:
         return cfg.backend.spec
     kind = "vllm" if cfg.backend.spec.startswith("vllm:") else "hf"
-    return f"{kind}:{RunLayout.of(cfg, cfg.run_dir / f'round-{r - 1}').policy_model}"
+    return f"{kind}:{RunLayout.of(cfg).round(r - 1).policy_model}"
 
 
 def carry_tasks(cfg: RunConfig, r: int) -> None:
     """Give round r (> 1) round 1's tasks, copied whole (a copy interrupted half-way is never seen)."""
-    source = cfg.run_dir / "round-1" / "tasks.jsonl"
-    target = cfg.run_dir / f"round-{r}" / "tasks.jsonl"
+    layout = RunLayout.of(cfg)
+    source, target = layout.round(1).tasks, layout.round(r).tasks
     if source.is_file() and not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(".tasks.jsonl.tmp")
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
+        copy_atomic(source, target)
 
 
 ENGINE_KINDS = ("hf", "vllm")
@@ -267,47 +203,36 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_train(stage: str, cfg: RunConfig, echo: Callable[[str], None]) -> dict:
-    # The trainers import torch and peft; imported here, a run without them never pays for it.
-    if stage == "sft":
-        from factory.train.sft import run_sft as fn
-    elif stage == "rm":
-        from factory.train.reward import run_reward as fn
-    else:
-        from factory.train.ppo import run_ppo as fn
-    return fn(cfg, echo=echo)
-
-
 def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], None]) -> list[StageSummary | dict]:
     rcfg = round_config(cfg, r)
-    gen_spec, judge_spec = policy_spec(cfg, r), cfg.backend.spec
-    judge_samples = "judge" in rcfg.stages and rcfg.judge.candidates == "samples"  # the generator samples for it
-    needs = [gen_spec] * (judge_samples or any(s in GENERATOR_STAGES for s in rcfg.stages))
-    needs += [judge_spec] * ("judge" in rcfg.stages)
-    info: dict = {"spec": judge_spec}
-    if needs:  # the manifest records the model actually used: remembered from an earlier load, loaded now
+    layout = RunLayout.of(rcfg)
+    specs: dict[Role, str] = {"generator": policy_spec(cfg, r), "judge": cfg.backend.spec}
+    stages = [stage(name) for name in rcfg.stages]
+    used = {role for st in stages for role in st.roles(rcfg)}
+    info: dict = {"spec": specs["judge"]}
+    if used:  # the manifest records the model actually used: remembered from an earlier load, loaded now
         # when the round's first stage loads it anyway, else named from the config (no engine starts for it)
-        first_loads_it = len(set(needs)) == 1 and rcfg.stages[0] not in TRAIN_STAGES
-        info |= backends.describe(needs[-1], load=first_loads_it)
-    if gen_spec != judge_spec:
-        info["generator"] = gen_spec
-    write_manifest(rcfg.run_dir, rcfg, info, input_files(rcfg))
+        named = specs["judge"] if "judge" in used else specs["generator"]
+        first_loads_it = len({specs[role] for role in used}) == 1 and not stages[0].trains
+        info |= backends.describe(named, load=first_loads_it)
+    if specs["generator"] != specs["judge"]:
+        info["generator"] = specs["generator"]
+    write_manifest(layout.manifest, rcfg, info, input_files(rcfg))
+    lazy: dict[str, OnFirstCall] = {}  # one per spec: two roles of one model are one backend
+
+    def models(role: Role, on_first_call: bool) -> Backend:
+        spec = specs[role]
+        return lazy.setdefault(spec, OnFirstCall(backends, spec)) if on_first_call else backends.get(spec)
+
+    ctx = Context(rcfg, layout, models, echo)
     results: list[StageSummary | dict] = []
-    for stage in rcfg.stages:
-        if stage in TRAIN_STAGES:
+    for st in stages:
+        if st.trains:
             backends.release()
-            summary = run_train(stage, rcfg, echo)  # a trainer says what it did itself
+            summary = st.run(ctx)  # a trainer says what it did itself
             free_memory()  # the trainer's model and optimiser, before the next engine loads
-        elif stage == "judge":
-            if judge_samples and gen_spec != judge_spec:
-                # The policy samples every prompt, then the judge loads (letting the policy go) and judges.
-                summary = run_judge(rcfg, OnFirstCall(backends, judge_spec), rcfg.run_dir,
-                                    generator=OnFirstCall(backends, gen_spec))
-            else:  # one model samples and judges: one engine
-                summary = run_judge(rcfg, backends.get(judge_spec), rcfg.run_dir)
-            echo(summary.line())
         else:
-            summary = STAGE_FNS[stage](rcfg, backends.get(gen_spec), rcfg.run_dir)
+            summary = st.run(ctx)
             echo(summary.line())
         results.append(summary)
     return results

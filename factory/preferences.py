@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from factory.inputs import JSON_KINDS, LONE_SURROGATE, ParseError, kind, load_json, read_bytes, valid_unicode
 from factory.records import Preference, work_key
 
 
@@ -86,9 +87,7 @@ def _lines(path: Path, skip_bad: bool, parse: Callable[[Any, str], list[Preferen
     ``skip_bad`` costs only that line). A repeated pair is dropped as ``duplicate_pair``:
     a record key must be unique in a file. A valid line that makes no pair counts as ``no_pairs``.
     """
-    data = Path(path).read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):  # a BOM, as some Windows editors write
-        data = data[3:]
+    data = read_bytes(path)  # BOM dropped; decoded line by line below
     records: list[Preference] = []
     skipped: Counter[str] = Counter()
     seen: set[str] = set()
@@ -119,33 +118,26 @@ def _json_line(raw: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise _Bad("invalid_utf8", f"invalid UTF-8 at byte {e.start + 1} of the line; expected UTF-8 text") from None
     try:
-        return json.loads(line)
-    except json.JSONDecodeError as e:
-        raise _Bad("invalid_json", f"invalid JSON ({e.msg} at column {e.colno}); expected one object per line") from None
-    except ValueError:  # a number past Python's 4300-digit limit for reading integers
-        raise _Bad("invalid_json", "invalid JSON (a number with too many digits); expected one object per line") from None
-    except RecursionError:
-        raise _Bad("invalid_json", "invalid JSON (nested too deeply); expected one object per line") from None
+        return load_json(line)
+    except ParseError as e:
+        at = f" at column {e.column}" if e.column else ""
+        raise _Bad("invalid_json", f"invalid JSON ({e.detail}{at}); expected one object per line") from None
 
 
-def _kind(v: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
-    return names.get(type(v), "null" if v is None else type(v).__name__)
+_KINDS = {**JSON_KINDS, list: "a list"}  # "answers is a list", as these formats' docs say
 
 
 def _text(obj: Any, key: str, expected: str) -> str:
     """``obj[key]`` as a string that can be written back as UTF-8."""
     if not isinstance(obj, dict):
-        raise _Bad("not_an_object", f"expected {expected}, got {_kind(obj)}")
+        raise _Bad("not_an_object", f"expected {expected}, got {kind(obj, _KINDS)}")
     if key not in obj:
         raise _Bad("missing_key", f"{key!r} is missing; expected {expected}")
     value = obj[key]
     if not isinstance(value, str):
-        raise _Bad("not_a_string", f"{key!r} is {_kind(value)}; expected a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # JSON's \ud800-style escapes can smuggle in lone surrogates
-        raise _Bad("invalid_unicode", f"{key!r} holds a lone surrogate escape; expected valid Unicode text") from None
+        raise _Bad("not_a_string", f"{key!r} is {kind(value, _KINDS)}; expected a string")
+    if not valid_unicode(value):
+        raise _Bad("invalid_unicode", f"{key!r} holds {LONE_SURROGATE}")
     return value
 
 
@@ -229,7 +221,7 @@ def import_votes(path: Path, *, min_gap: float = 1.0, skip_bad: bool = False) ->
             raise _Bad("missing_key", f"'answers' is missing; expected {expected}")
         answers = obj["answers"]
         if not isinstance(answers, list):
-            raise _Bad("not_a_list", f"'answers' is {_kind(answers)}; expected {expected}")
+            raise _Bad("not_a_list", f"'answers' is {kind(answers, _KINDS)}; expected {expected}")
         if len(answers) < 2:
             raise _Bad("too_few_answers", f"'answers' has {len(answers)}; expected at least two answers")
         scored = []

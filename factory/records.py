@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 KEY_HEX_CHARS = 24
 """96 bits: collisions stay negligible for billions of items, and keys stay readable."""
@@ -40,6 +41,45 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, BaseModel):
         return obj.model_dump(mode="json")
     raise TypeError(f"work_key: cannot hash a {type(obj).__name__} ({obj!r}); pass JSON data or pydantic models")
+
+
+# --- settings models, and what a failed validation says ---
+
+
+class Strict(BaseModel):
+    """The base of every settings model (run config, backend, trainers) and of principle files:
+    an unknown key is an error, not ignored, and defaults are checked like given values."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+_SHORT = reprlib.Repr()  # a value quoted back in a message: a huge or deeply nested one is cut short
+_SHORT.maxstring = 80
+
+
+def key_path(loc: tuple) -> str:
+    """``instances[0].output`` for the pydantic location ``("instances", 0, "output")``; "" for none."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
+    return out
+
+
+def error_text(err: dict) -> str:
+    """A pydantic error's message, without the "Value error, " our own validators' messages get."""
+    return err["msg"].removeprefix("Value error, ")
+
+
+def got(value: Any) -> str:
+    """`` (got 'heavy')``: the value a message quotes back, cut short when it is long."""
+    return f" (got {_SHORT.repr(value)})"
+
+
+def describe_errors(e: ValidationError) -> str:
+    """Every problem of a failed validation on one line, without the input echoed back (a line may
+    hold kilobytes): ``instances[0].output: Field required; score: Input should be ...``."""
+    return "; ".join(f"{key_path(err['loc'])}: {err['msg']}" if err["loc"] else err["msg"]
+                     for err in e.errors(include_url=False))
 
 
 # --- inputs: the Self-Instruct seed schema (https://github.com/yizhongw/self-instruct) ---

@@ -12,21 +12,20 @@ chosen [user, assistant] conversation, so the file is SFT data as it is.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from factory.config import RunConfig
-from factory.critique import load_prompts
-from factory.failures import Failures
-from factory.layout import RunLayout
+from factory.inputs import load_prompts
 from factory.llm.base import Backend
 from factory.records import Reranked, file_sha256, work_key
-from factory.store import Store, fixed_batches
+from factory.stage import Context, Need, Stage
+from factory.stageloop import StageLoop
+from factory.store import Store
 from factory.summary import StageSummary
 
-OUTPUT = "rerank.jsonl"
+if TYPE_CHECKING:
+    from factory.config import RunConfig
+    from factory.layout import RunLayout
 
 
 # -- scoring --------------------------------------------------------------------------------------
@@ -35,7 +34,7 @@ OUTPUT = "rerank.jsonl"
 def load_reward_model(path: Path, device: str, allow_pickle: bool = False):
     """(scalar model, tokenizer) of a reward-model folder written by ``factory train rm``."""
     from factory.train import TrainError
-    from factory.train.common import HEAD_FILE, ScalarModel, load_tokenizer, pick_device
+    from factory.train.models import HEAD_FILE, ScalarModel, load_tokenizer, pick_device
 
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no reward model; run `factory train rm` first, or set rerank.reward_model")
@@ -50,14 +49,14 @@ def load_reward_model(path: Path, device: str, allow_pickle: bool = False):
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
-    from factory.train.common import HEAD_FILE
-    from factory.train.reward import score
+def run_rerank(cfg: "RunConfig", backend: Backend, layout: "RunLayout") -> StageSummary:
+    from factory.train.models import HEAD_FILE
+    from factory.train.scoring import score
 
     rc = cfg.rerank
-    rm_path = Path(rc.reward_model) if rc.reward_model is not None else RunLayout.of(cfg, run_dir).rm_model
+    rm_path = Path(rc.reward_model) if rc.reward_model is not None else layout.rm_model
     rm, tok = load_reward_model(rm_path, rc.device, cfg.allow_pickle)  # before any sampling: a missing RM fails fast
-    prompts = load_prompts(rc.prompts, rc.limit, run_dir)
+    prompts = load_prompts(rc.prompts, rc.limit, layout.tasks)
     settings = {
         "model": backend.model_id,
         # The head's digest stands for the reward model: retraining it into the same folder makes new keys.
@@ -71,47 +70,71 @@ def run_rerank(cfg: RunConfig, backend: Backend, run_dir: Path) -> StageSummary:
         if key not in seen:  # a prompt given twice is one item; its first id names it
             seen.add(key)
             items.append((key, pid, text))
-    store = Store(run_dir / OUTPUT, Reranked)
+    store = Store(layout.rerank, Reranked)
     keys = {k for k, _, _ in items}
     done = [r for r in store.records() if r.key in keys]
-    todo = [it for it in items if it[0] not in store]
     # One generate call holds about backend.batch_size sequences: n per prompt.
     per_batch = max(1, cfg.backend.batch_size // rc.n)
+    loop = StageLoop("rerank", layout, items, key=lambda it: it[0], store=store, batch_size=per_batch, unit="prompt")
     device = next(rm.parameters()).device
-    failures = Failures(run_dir, "rerank")
-    written = 0
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc="rerank", unit="prompt") as bar:
-        for start, batch in fixed_batches(items, per_batch, lambda it: it[0] in store):
-            bar_step = len(batch)
-            # 1. Sample n responses per prompt (a prompt whose request failed for good is left for the next run).
-            params = rc.params.model_copy(update={"n": rc.n, "seed": rc.seed + start})
-            sampled = failures.kept(backend.generate, batch, [key for key, _, _ in batch],
-                                    [[{"role": "user", "content": text}] for _, _, text in batch], params)
-            batch = [it for it, _ in sampled]
-            responses = [[c.text for c in completions] for _, completions in sampled]
-            # 2. Score every prompt + response with the reward model, read where training read it
-            #    (the reply's end-of-turn token); a prompt's n replies share its computation.
-            conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": r}]
-                             for (_, _, text), rs in zip(batch, responses) for r in rs]
-            flat = score(rm, tok, conversations, rc.batch_size, rc.max_length, device) if conversations else []
-            # 3. Keep the best of each prompt's n.
-            records = []
-            for b, ((key, pid, text), rs) in enumerate(zip(batch, responses)):
-                scores = flat[b * rc.n : (b + 1) * rc.n]
-                best = max(range(len(rs)), key=lambda i: scores[i])
-                records.append(Reranked(
-                    key=key, source=pid, prompt=text,
-                    messages=[{"role": "user", "content": text}, {"role": "assistant", "content": rs[best]}],
-                    responses=rs, scores=scores, chosen=best, reward_model=str(rm_path), model=backend.model_id,
-                ))
-            written += store.append(records)
-            failures.flush()
-            done += records
-            bar.update(bar_step)
+    for start, batch in loop.batches():
+        # 1. Sample n responses per prompt (a prompt whose request failed for good is left for the next run).
+        params = rc.params.model_copy(update={"n": rc.n, "seed": rc.seed + start})
+        sampled = loop.ask(backend.generate, batch, [[{"role": "user", "content": text}] for _, _, text in batch],
+                           params)
+        batch = [it for it, _ in sampled]
+        responses = [[c.text for c in completions] for _, completions in sampled]
+        # 2. Score every prompt + response with the reward model, read where training read it
+        #    (the reply's end-of-turn token); a prompt's n replies share its computation.
+        conversations = [[{"role": "user", "content": text}, {"role": "assistant", "content": r}]
+                         for (_, _, text), rs in zip(batch, responses) for r in rs]
+        flat = score(rm, tok, conversations, rc.batch_size, rc.max_length, device) if conversations else []
+        # 3. Keep the best of each prompt's n.
+        records = []
+        for b, ((key, pid, text), rs) in enumerate(zip(batch, responses)):
+            scores = flat[b * rc.n : (b + 1) * rc.n]
+            best = max(range(len(rs)), key=lambda i: scores[i])
+            records.append(Reranked(
+                key=key, source=pid, prompt=text,
+                messages=[{"role": "user", "content": text}, {"role": "assistant", "content": rs[best]}],
+                responses=rs, scores=scores, chosen=best, reward_model=str(rm_path), model=backend.model_id,
+            ))
+        loop.append(records)
+        done += records
     note = f"best of {rc.n} by the reward model {rm_path}"
     if done:
         best = sum(r.scores[r.chosen] for r in done) / len(done)
         mean = sum(sum(r.scores) / len(r.scores) for r in done) / len(done)
         note += f"; mean reward of the kept response {best:.3f} vs {mean:.3f} for a random one"
-    return StageSummary("rerank", len(items), len(items) - len(todo), written, store.path, Counter(), note,
-                        failures.counts())
+    return loop.summary(note=note)
+
+
+class Rerank(Stage):
+    name = section = "rerank"
+
+    def roles(self, cfg):
+        return ("generator",)
+
+    def user_files(self, cfg) -> list[Path]:
+        return [cfg.rerank.prompts] if cfg.rerank.prompts is not None else []
+
+    def needs(self, cfg, layout) -> list[Need]:
+        rc = cfg.rerank
+        rm = Path(rc.reward_model) if rc.reward_model is not None else layout.rm_model
+        needs = [Need(rm, "no reward model to rerank with", "run `factory train rm` first, or set rerank.reward_model")]
+        if rc.prompts is None:
+            needs.append(Need(layout.tasks, "no prompts to rerank", "run instances first, or set rerank.prompts"))
+        return needs
+
+    def writes(self, cfg, layout) -> list[Path]:
+        return [layout.rerank]
+
+    def check(self, cfg) -> None:
+        if cfg.rerank.prompts is not None:
+            load_prompts(cfg.rerank.prompts, None, Path())
+
+    def run(self, ctx: Context) -> StageSummary:
+        return run_rerank(ctx.cfg, ctx.model("generator"), ctx.layout)
+
+
+STAGE = Rerank()

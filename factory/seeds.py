@@ -9,7 +9,6 @@ naming the lines instead, so a user can use the file as it is and still hear abo
 
 from __future__ import annotations
 
-import codecs
 import json
 import warnings
 from collections import defaultdict
@@ -18,7 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from factory.records import Instance, SeedTask
+from factory.inputs import LONE_SURROGATE, ParseError, decode, kind, load_json, numbered_lines, read_bytes, valid_unicode
+from factory.records import Instance, SeedTask, key_path
 
 LISTED = 10
 """How many names (and how many lines of one name) a warning lists before it says "and N more"."""
@@ -73,37 +73,19 @@ def load_seeds(path: Path, *, min_words: int = 4) -> list[SeedTask]:
 
 def _lines(path: Path) -> list[tuple[int, str]]:
     """The file's non-blank lines with their 1-based numbers."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise SeedError(f"{path}: cannot read seed file: {e.strerror or e}") from None
-    if raw.startswith(codecs.BOM_UTF8):  # editors on Windows write one; it is not part of line 1
-        raw = raw[len(codecs.BOM_UTF8) :]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise SeedError(f"{path}:{line}: not UTF-8 text (byte {e.start})") from None
-    # Split on "\n" only: str.splitlines() also breaks at U+2028 and friends, which JSON
-    # strings may hold unescaped, and would cut a line in two and shift every number after it.
-    return [(n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    raw = read_bytes(path, SeedError, missing=None, cannot="cannot read seed file")
+    return list(numbered_lines(decode(path, raw, SeedError)))
 
 
 def _parse(path: Path, number: int, line: str) -> dict[str, Any]:
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise SeedError(f"{path}:{number}: invalid JSON: {e.msg} (column {e.colno})") from None
-    except ValueError:  # a number past Python's 4300-digit limit for reading integers
-        raise SeedError(f"{path}:{number}: invalid JSON: a number with too many digits") from None
-    except RecursionError:
-        raise SeedError(f"{path}:{number}: invalid JSON: nested too deeply") from None
+        obj = load_json(line)
+    except ParseError as e:
+        raise SeedError(f"{path}:{number}: invalid JSON: {e}") from None
     if not isinstance(obj, dict):
-        raise SeedError(f"{path}:{number}: expected a JSON object (a seed task), got {_json_type(obj)}")
-    try:
-        json.dumps(obj, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:  # a \ud800-style escape: no record holding it could be written
-        raise SeedError(f"{path}:{number}: a lone surrogate escape (such as \\ud800); expected valid Unicode text") from None
+        raise SeedError(f"{path}:{number}: expected a JSON object (a seed task), got {kind(obj)}")
+    if not valid_unicode(obj):  # no record holding it could be written
+        raise SeedError(f"{path}:{number}: {LONE_SURROGATE}")
     return obj
 
 
@@ -126,20 +108,13 @@ def _describe(e: ValidationError) -> str:
     """The first problem of a failed validation, as "field 'instances[0].output': Field required"."""
     errors = e.errors()
     err = errors[0]
-    field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+    field = key_path(err["loc"])
     text = f"field {field!r}: {err['msg']}" if field else err["msg"]
     if err["type"] != "missing":
-        text += f" (got {_json_type(err['input'])} {_short_repr(err['input'])})"
+        text += f" (got {kind(err['input'])} {_short_repr(err['input'])})"
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem(s) on this line)"
     return text
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    if type(value) in names:
-        return names[type(value)]
-    return "a number" if isinstance(value, (int, float)) else type(value).__name__
 
 
 def _short_repr(value: Any, limit: int = 40) -> str:

@@ -20,7 +20,7 @@ from typing import Callable, Generic, Iterator, Sequence, TypeVar
 
 from pydantic import ValidationError
 
-from factory.records import Record
+from factory.records import Record, describe_errors
 
 R = TypeVar("R", bound=Record)
 T = TypeVar("T")
@@ -83,16 +83,8 @@ def _scan(path: Path, model: type[R]) -> tuple[list[R], int, int]:
         try:
             records.append(model.model_validate_json(line))
         except ValidationError as e:
-            raise StoreError(f"{path}, line {lineno}: not a valid {model.__name__}: {_describe(e)}") from None
+            raise StoreError(f"{path}, line {lineno}: not a valid {model.__name__}: {describe_errors(e)}") from None
     return records, end, len(data)
-
-
-def _describe(e: ValidationError) -> str:
-    # One line per problem, without the input echoed back: a line may hold kilobytes.
-    return "; ".join(
-        f"{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"] else err["msg"]
-        for err in e.errors(include_url=False)
-    )
 
 
 def _warn_torn(path: Path, nbytes: int) -> None:
@@ -165,7 +157,7 @@ class Store(Generic[R]):
             try:
                 self.record_type.model_validate_json(line)
             except ValidationError as e:
-                raise StoreError(f"{self.path}: record {r.key} would not read back: {_describe(e)}") from None
+                raise StoreError(f"{self.path}: record {r.key} would not read back: {describe_errors(e)}") from None
         data = b"".join(lines)
         self._write(data)
         self._end += len(data)

@@ -3,11 +3,11 @@
     python tests/kill_driver.py STAGE CONFIG RUN_DIR CALL_LOG
     python tests/kill_driver.py --serve        (the fork server, below)
 
-A data stage (``STAGE_FNS``) gets the configured backend wrapped in ``CountingBackend``: before
+A data stage (its ``STAGE`` object) gets the configured backend wrapped in ``CountingBackend``: before
 each ``generate`` / ``option_logprobs`` it appends one JSON line to CALL_LOG, fsynced, with this
 process's pid, the method, the sha256 of each request's messages, and ``complete``: the byte
 length, up to its last newline, of the stage's primary output file (its source of truth) at that
-moment. A trainer runs through ``run_train`` with its metrics rows logged the same way (one
+moment. A trainer runs through its ``STAGE`` with its metrics rows logged the same way (one
 ``step`` line after each row is written). Every run logs a ``start`` line (``complete`` then, and
 for a trainer the step of the checkpoint it will resume from) and, if it gets there, an ``end``
 line. RUN_DIR replaces the config's output_dir/name, so one config serves several run folders.
@@ -41,19 +41,20 @@ TRAINERS = ("sft", "rm", "ppo")
 
 def primary_file(stage: str, cfg) -> Path:
     """The file whose complete lines say what the stage has durably done: its source of truth."""
-    from factory import bootstrap, critique, generate, instances, judge, rerank
+    from factory.layout import RunLayout
 
+    layout = RunLayout.of(cfg)
     names = {
-        "generate": generate.OUTPUT,
-        "bootstrap": bootstrap.REQUESTS,  # instructions.jsonl is completed from it on resume
-        "instances": instances.OUTPUT,
-        "critique": critique.OUTPUT,  # sft.jsonl and critique_pairs.jsonl derive from it
-        "judge": judge.OUTPUT,  # judgments.jsonl; preferences.jsonl derives from it
-        "rerank": rerank.OUTPUT,
+        "generate": layout.generations,
+        "bootstrap": layout.bootstrap_requests,  # instructions.jsonl is completed from it on resume
+        "instances": layout.tasks,
+        "critique": layout.revisions,  # sft.jsonl and critique_pairs.jsonl derive from it
+        "judge": layout.judgments,  # judgments.jsonl; preferences.jsonl derives from it
+        "rerank": layout.rerank,
     }
     if stage in names:
-        return cfg.run_dir / names[stage]
-    return cfg.run_dir / getattr(cfg, stage).output / "metrics.jsonl"
+        return names[stage]
+    return {"sft": layout.sft, "rm": layout.rm, "ppo": layout.policy}[stage].metrics
 
 
 def complete_bytes(path: Path) -> int:
@@ -137,27 +138,31 @@ def log_metrics(log: CallLog) -> None:
 
 def run(stage: str, config: Path, run_dir: Path, call_log: Path) -> int:
     from factory.config import load_config
+    from factory.layout import RunLayout
     from factory.llm import load_backend
-    from factory.pipeline import STAGE_FNS, run_train
+    from factory.pipeline import STAGES, stage as stage_object
+    from factory.stage import Context
 
     cfg = load_config(config)
     cfg = cfg.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})
     run_dir.mkdir(parents=True, exist_ok=True)
     log = CallLog(call_log, primary_file(stage, cfg))
-    if stage in STAGE_FNS:
-        backend = load_backend(cfg.backend)
-        log.event("start")
-        try:
-            STAGE_FNS[stage](cfg, CountingBackend(backend, log), run_dir)
-        finally:
-            backend.close()
-    elif stage in TRAINERS:
-        log_metrics(log)
-        log.event("start", ckpt_step=checkpoint_step(run_dir / getattr(cfg, stage).output))
-        run_train(stage, cfg, echo=print)
-    else:
+    if stage not in STAGES:
         print(f"unknown stage {stage!r}", file=sys.stderr)
         return 2
+    st = stage_object(stage)
+    if st.trains:
+        log_metrics(log)
+        log.event("start", ckpt_step=checkpoint_step(run_dir / getattr(cfg, stage).output))
+        st.run(Context(cfg, RunLayout.of(cfg), models=lambda role, lazy: None, echo=print))
+    else:
+        backend = load_backend(cfg.backend)
+        counting = CountingBackend(backend, log)  # one model for every role: one backend
+        log.event("start")
+        try:
+            st.run(Context(cfg, RunLayout.of(cfg), models=lambda role, lazy: counting, echo=lambda _line: None))
+        finally:
+            backend.close()
     log.event("end")
     return 0
 

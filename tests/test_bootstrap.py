@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pytest
 
 from factory.bootstrap import (
-    REQUESTS,
     blacklist_pattern,
     check_instruction,
     parse_reply,
@@ -22,6 +20,7 @@ from factory.llm.base import Completion
 from factory.llm.scripted import ScriptedBackend
 from factory.records import BootstrapRequest, Instruction
 from factory.store import read_jsonl
+from factory.layout import RunLayout
 
 
 def test_render_prompt_puts_the_list_in_the_models_mouth():
@@ -119,7 +118,7 @@ REPLIES = [
 
 def test_run_bootstrap_verdicts_records_and_resume(run_cfg):
     backend = ScriptedBackend(REPLIES)
-    summary = run_bootstrap(run_cfg, backend, run_cfg.run_dir)
+    summary = run_bootstrap(run_cfg, backend, RunLayout.of(run_cfg))
     assert summary.total == 3 and summary.written == 3
     assert summary.rejected == {"near_duplicate": 2, "too_short": 1, "no_items_in_reply": 1}
     assert "1 candidates left unchecked once the target was reached" in summary.note
@@ -128,7 +127,7 @@ def test_run_bootstrap_verdicts_records_and_resume(run_cfg):
     first_prompt = backend.calls[0][1][0]
     assert first_prompt[1]["content"].endswith("\n4.") and first_prompt[1]["content"].count("\n") == 3
 
-    requests = read_jsonl(run_cfg.run_dir / REQUESTS, BootstrapRequest)
+    requests = read_jsonl(RunLayout.of(run_cfg).bootstrap_requests, BootstrapRequest)
     assert [r.index for r in requests] == [0, 1, 2, 3]
     assert [c.verdict for c in requests[0].candidates] == ["accepted", "near_duplicate", "too_short"]
     assert requests[0].candidates[1].duplicate_of == "Write a short poem about autumn leaves."
@@ -149,30 +148,30 @@ def test_run_bootstrap_verdicts_records_and_resume(run_cfg):
     assert first.avg_similarity == pytest.approx(sum(s.score for s in first.most_similar) / 3)
 
     # Resume: nothing is asked again (the scripted backend has no replies left to give).
-    again = run_bootstrap(run_cfg, ScriptedBackend([]), run_cfg.run_dir)
+    again = run_bootstrap(run_cfg, ScriptedBackend([]), RunLayout.of(run_cfg))
     assert again.written == 0 and again.skipped == 3 and again.rejected == summary.rejected
 
     # A crash between the two appends: instructions.jsonl is completed from the requests.
     path = run_cfg.run_dir / "instructions.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     path.write_text(lines[0], encoding="utf-8")
-    run_bootstrap(run_cfg, ScriptedBackend([]), run_cfg.run_dir)
+    run_bootstrap(run_cfg, ScriptedBackend([]), RunLayout.of(run_cfg))
     assert [a.instruction for a in read_jsonl(path, Instruction)] == [a.instruction for a in accepted]
 
 
 def test_run_bootstrap_gives_up_at_max_requests(run_cfg):
     cfg = run_cfg.model_copy(update={"bootstrap": run_cfg.bootstrap.model_copy(update={"max_requests": 2})})
-    summary = run_bootstrap(cfg, ScriptedBackend(["\n\nNothing.", "\n\nNothing."]), cfg.run_dir)
+    summary = run_bootstrap(cfg, ScriptedBackend(["\n\nNothing.", "\n\nNothing."]), RunLayout.of(cfg))
     assert summary.total == 0
     assert "STOPPED at max_requests=2 with 0 of the target 3" in summary.note
 
 
 def test_changed_settings_start_a_new_sequence(run_cfg):
-    run_bootstrap(run_cfg, ScriptedBackend(REPLIES), run_cfg.run_dir)
+    run_bootstrap(run_cfg, ScriptedBackend(REPLIES), RunLayout.of(run_cfg))
     hotter = run_cfg.bootstrap.model_copy(update={"params": run_cfg.bootstrap.params.model_copy(update={"temperature": 1.0}),
                                                    "max_requests": 1})
     cfg = run_cfg.model_copy(update={"bootstrap": hotter})
     backend = ScriptedBackend(["\n\nNothing."])
-    summary = run_bootstrap(cfg, backend, cfg.run_dir)
+    summary = run_bootstrap(cfg, backend, RunLayout.of(cfg))
     assert len(backend.calls) == 1 and summary.total == 0
-    assert len(read_jsonl(Path(cfg.run_dir / REQUESTS), BootstrapRequest)) == 5
+    assert len(read_jsonl(RunLayout.of(cfg).bootstrap_requests, BootstrapRequest)) == 5

@@ -33,13 +33,39 @@ def invoke(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["generate"], ["config"], ["prepare"]])
+COMMANDS = [[], ["run"], ["generate"], ["bootstrap"], ["instances"], ["critique"], ["judge"], ["rerank"], ["train"],
+            ["train", "sft"], ["train", "rm"], ["train", "ppo"], ["judge-eval"], ["principles", "check"],
+            ["principles", "import"], ["pairs"], ["pairs", "import"], ["pairs", "export"], ["export"], ["report"],
+            ["config"], ["prepare"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_explains_itself(command):
     result = invoke(*command, "--help")
     assert result.exit_code == 0, result.output
     assert "Usage: " in result.output
     body = result.output.split("\n\n", 2)[1]
     assert len(body.split()) >= 8, f"help of {command} says too little: {body!r}"
+
+
+def test_each_stage_and_trainer_is_its_own_command_with_its_docstring_as_help():
+    commands = [cli.commands[s] for s in ("generate", "bootstrap", "instances", "critique", "judge", "rerank")]
+    commands += [cli.commands["train"].commands[t] for t in ("sft", "rm", "ppo")]
+    callbacks = [c.callback for c in commands]
+    assert len(set(callbacks)) == len(callbacks)
+    for command in commands:
+        doc = command.callback.__doc__
+        assert doc and command.help and command.help.split()[:5] == doc.split()[:5], command.name
+
+
+def test_python_m_factory_cli_runs_the_command():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "factory.cli", "train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage: factory train" in result.stdout or "Usage: python -m factory.cli train" in result.stdout
 
 
 def test_config_error_is_a_clean_exit_2(workdir):

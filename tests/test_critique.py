@@ -24,6 +24,7 @@ from factory.llm.scripted import ScriptedBackend
 from factory.records import ChatExample, PreferencePair, Revision
 from conftest import kill_once_written
 from factory.store import StoreError, read_jsonl
+from factory.layout import RunLayout
 
 REPO = Path(__file__).parents[1]
 
@@ -106,7 +107,7 @@ def test_run_critique_records_every_round_and_resumes(tmp_path, constitution_fil
         option_scores=[{"Yes": lp(0.9), "No": lp(0.1)}, {"Yes": lp(0.2), "No": lp(0.8)},
                        {"Yes": lp(0.7), "No": lp(0.3)}, {"Yes": lp(0.6), "No": lp(0.4)}],
     )
-    summary = run_critique(cfg, backend, cfg.run_dir)
+    summary = run_critique(cfg, backend, RunLayout.of(cfg))
     assert summary.written == 2
     assert "2 round(s) under 'tiny'" in summary.note and "1 revisions skipped as unchanged" in summary.note
 
@@ -139,7 +140,7 @@ def test_run_critique_records_every_round_and_resumes(tmp_path, constitution_fil
 
     # Resume: nothing asked again; a lost sft.jsonl is rebuilt from the revisions.
     (cfg.run_dir / "sft.jsonl").unlink()
-    assert run_critique(cfg, ScriptedBackend([]), cfg.run_dir).written == 0
+    assert run_critique(cfg, ScriptedBackend([]), RunLayout.of(cfg)).written == 0
     assert len(read_jsonl(cfg.run_dir / "sft.jsonl", ChatExample)) == 2
 
 
@@ -149,7 +150,7 @@ def test_bad_prompt_file_names_the_line(tmp_path, constitution_file):
     cfg = load_config(None, [f"output_dir={tmp_path}", f"critique.constitution={constitution_file}",
                              f"critique.prompts={prompts}"])
     with pytest.raises(StoreError, match=r"prompts.jsonl:2: expected an object with a non-empty string 'prompt'"):
-        run_critique(cfg, ScriptedBackend([]), tmp_path)
+        run_critique(cfg, ScriptedBackend([]), RunLayout.of(cfg, tmp_path))
 
 
 @pytest.mark.slow

@@ -20,9 +20,12 @@ import pytest
 import factory.pipeline as pipeline
 from factory.config import load_config
 from factory.llm import load_backend
-from factory.judge import SAMPLES, Sampled
+from factory.judge import Sampled
+from factory.layout import RunLayout
 from factory.records import Judgment, Preference, Revision
 from factory.store import read_jsonl
+
+SAMPLES = RunLayout(Path()).judge_samples.name
 
 TOPICS = ["tea", "rain", "maps", "bread"]
 

@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from factory.cli import cli
-from factory.export import EXPORT_FORMATS, replacing
+from factory.export import EXPORT_FORMATS
+from factory.export_output import replacing
 from factory.records import ChatExample, Instance, Instruction, Preference, PreferencePair, Similar, Task
 from factory.records import Reranked
 from factory.store import Store

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from factory.layout import RunLayout
 from factory.llm.base import chat_text, end_of_turn_ids, option_sequences
 from factory.llm.hf import HFBackend
-from factory.train import ppo, reward
-from factory.train.common import chat_ids, end_ids, load_tokenizer
+from factory.train import ppo, scoring
+from factory.train.chat import chat_ids
+from factory.train.models import end_ids, load_tokenizer
 from tokenizer_families import FAMILIES, build_model_dir, build_tokenizer
 
 NAMES = list(FAMILIES)
@@ -136,11 +138,11 @@ def test_sft_mask_and_reward_reply_end_at_the_turn_token(name, model_dirs):
     # turn by turn, the ids are those of the whole conversation tokenised at once
     assert ids == tok(tok.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False)["input_ids"]
 
-    prompt, reply = reward.reply_ids(tok, CONVERSATION[:1], CONVERSATION[1]["content"])
+    prompt, reply = scoring.reply_ids(tok, CONVERSATION[:1], CONVERSATION[1]["content"])
     assert reply[-1] == end  # read where PPO reads a finished rollout, not at a newline after it
     # An over-long reply cut for the reward model keeps its end-of-turn token last.
     ends = end_ids(tok, model_dirs[name])
-    kept_prompt, kept_reply = reward.cut(prompt, reply, len(prompt) + 3, ends)
+    kept_prompt, kept_reply = scoring.cut(prompt, reply, len(prompt) + 3, ends)
     assert len(kept_prompt) + len(kept_reply) == len(prompt) + 3
     assert kept_reply[-1] == end and list(kept_reply[:-1]) == reply[: len(kept_reply) - 1]
 
@@ -161,7 +163,7 @@ def test_ppo_rollouts_end_at_gemmas_end_of_turn(tmp_path, model_dirs):
     rollouts end, scores them with the reward model there, and does not give every one the
     no-EOS penalty."""
     from factory.config import RunConfig
-    from factory.train.common import ScalarModel
+    from factory.train.models import ScalarModel
     from factory.train.sft import run_sft
 
     name, base = "gemma", model_dirs["gemma"]
@@ -174,7 +176,7 @@ def test_ppo_rollouts_end_at_gemmas_end_of_turn(tmp_path, model_dirs):
                                                     for t in topics))
     cfg = RunConfig(output_dir=tmp_path / "out", name="run", sft=dict(
         model=str(base), data=data, epochs=40, batch_size=4, lr=1e-2, held_out=0.0, max_length=64, device="cpu"))
-    run_sft(cfg, echo=lambda *_: None)
+    run_sft(cfg.sft, RunLayout.of(cfg), echo=lambda *_: None)
     policy = cfg.run_dir / "sft" / "model"
 
     tok = load_tokenizer(str(policy))
@@ -186,7 +188,7 @@ def test_ppo_rollouts_end_at_gemmas_end_of_turn(tmp_path, model_dirs):
         policy=str(policy), reward_model=rm_dir, prompts=tmp_path / "prompts.jsonl", steps=2, batch_size=4,
         mini_batch_size=2, ppo_epochs=1, response_length=8, max_prompt_length=40, eval_prompts=2, eval_every=2,
         checkpoint_every=2, device="cpu", lr=1e-4, seed=0, temperature=0.7))
-    ppo.run_ppo(cfg, echo=lambda *_: None)
+    ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
     metrics = [json.loads(line) for line in (cfg.run_dir / "policy" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in metrics if "val/num_eos_tokens" in r]
     assert steps and all(r["val/num_eos_tokens"] >= 3 for r in steps), steps
@@ -216,6 +218,6 @@ def test_sft_warns_when_the_template_writes_no_end_of_turn(tmp_path, model_dirs)
         said: list[str] = []
         cfg = RunConfig(output_dir=tmp_path / name, name="run", sft=dict(
             model=str(folder), data=data, epochs=1, batch_size=4, held_out=0.0, max_length=64, device="cpu"))
-        run_sft(cfg, echo=said.append)
+        run_sft(cfg.sft, RunLayout.of(cfg), echo=said.append)
         warned = [line for line in said if "will not learn to stop" in line]
         assert warned == ([] if name == "gemma" else [warned[0]]) and (name == "gemma" or "4 of 4" in warned[0])

@@ -128,7 +128,7 @@ def workdir(tmp_path_factory, tiny_model) -> Path:
     saved from the tiny Llama in the samples run's rm/model."""
     import torch
 
-    from factory.train.common import ScalarModel, load_tokenizer
+    from factory.train.models import ScalarModel, load_tokenizer
 
     work = tmp_path_factory.mktemp("golden")
     for folder in ("seeds", "principles"):

@@ -22,6 +22,7 @@ from factory.llm.base import Completion
 from factory.llm.scripted import ScriptedBackend
 from factory.records import Instance, Instruction, SeedTask, Task
 from factory.store import Store, read_jsonl
+from factory.layout import RunLayout
 
 
 def test_classify_prompt_is_few_shot_chat():
@@ -121,7 +122,7 @@ def test_run_instances_with_scripted_replies(run_cfg):
                     finish_reason="length")],
         option_scores=[{"Yes": math.log(0.8), "No": math.log(0.2)}, {"Yes": math.log(0.1), "No": math.log(0.9)}],
     )
-    summary = run_instances(run_cfg, backend, run_cfg.run_dir)
+    summary = run_instances(run_cfg, backend, RunLayout.of(run_cfg))
     assert summary.written == 2 and summary.rejected == {}
     assert "3 instances for 2 tasks; 1 of 2 tasks classification (p(Yes) >= 0.5)" in summary.note
     tasks = read_jsonl(run_cfg.run_dir / "tasks.jsonl", Task)
@@ -133,7 +134,7 @@ def test_run_instances_with_scripted_replies(run_cfg):
     assert backend.calls[1][1][0][-1]["content"] == "Class label:"
     assert backend.calls[1][1][1][-1]["content"] == "Example 1\nInput:"
     # Resume: nothing asked again.
-    assert run_instances(run_cfg, ScriptedBackend([]), run_cfg.run_dir).written == 0
+    assert run_instances(run_cfg, ScriptedBackend([]), RunLayout.of(run_cfg)).written == 0
 
 
 def test_best_cut_separates_known_labels():
@@ -150,7 +151,7 @@ def test_auto_threshold_is_calibrated_on_the_seeds(run_cfg):
         option_scores=[{"Yes": lp(0.3), "No": lp(0.7)}, {"Yes": lp(0.1), "No": lp(0.9)},  # the two seeds
                        {"Yes": lp(0.25), "No": lp(0.75)}, {"Yes": lp(0.15), "No": lp(0.85)}],  # the two tasks
     )
-    summary = run_instances(cfg, backend, cfg.run_dir)
+    summary = run_instances(cfg, backend, RunLayout.of(cfg))
     tasks = read_jsonl(cfg.run_dir / "tasks.jsonl", Task)
     assert [t.is_classification for t in tasks] == [True, False]  # cut at 0.2, between the seeds' 0.3 and 0.1
     assert tasks[0].threshold == pytest.approx(0.2)
@@ -158,4 +159,4 @@ def test_auto_threshold_is_calibrated_on_the_seeds(run_cfg):
     assert [r[-1]["content"].split("Task: ")[1] for r in backend.calls[0][1]] == [
         "Label the review as positive or negative.", "Name three uses for a brick."]  # the seeds, by kind
     # finished: a rerun calibrates nothing and asks nothing
-    assert run_instances(cfg, ScriptedBackend([]), cfg.run_dir).written == 0
+    assert run_instances(cfg, ScriptedBackend([]), RunLayout.of(cfg)).written == 0

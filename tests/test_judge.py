@@ -26,6 +26,7 @@ from factory.judge import (
 from factory.llm.scripted import ScriptedBackend
 from factory.records import Comparison, Judgment, Preference
 from factory.store import StoreError, read_jsonl
+from factory.layout import RunLayout
 
 lp = math.log
 
@@ -170,7 +171,7 @@ def test_stage_on_a_file_writes_pairs_and_exports_and_resumes(tmp_path, constitu
                              f"judge.responses={responses}", "judge.principles=all"])
     backend = ScriptedBackend(option_scores=[ab(0.9), ab(0.2), ab(0.6), ab(0.5),  # prompt 1: kind, brief
                                              ab(0.1), ab(0.3), ab(0.4), ab(0.4)])  # prompt 2
-    summary = run_judge(cfg, backend, cfg.run_dir)
+    summary = run_judge(cfg, backend, RunLayout.of(cfg))
     assert (summary.total, summary.written) == (3, 3) and summary.rejected == {"identical_responses": 1}
     assert "2 pairs under 'tiny'" in summary.note and "position flips 1/2" in summary.note
 
@@ -196,7 +197,7 @@ def test_stage_on_a_file_writes_pairs_and_exports_and_resumes(tmp_path, constitu
 
     # Resume: nothing judged again; pairs lost after a crash are rebuilt from judgments.jsonl.
     (cfg.run_dir / "preferences.jsonl").unlink()
-    again = run_judge(cfg, ScriptedBackend(), cfg.run_dir)
+    again = run_judge(cfg, ScriptedBackend(), RunLayout.of(cfg))
     assert (again.written, again.skipped) == (0, 3)
     assert read_jsonl(cfg.run_dir / "preferences.jsonl", Preference) == pairs
 
@@ -208,7 +209,7 @@ def test_stage_samples_n_responses_per_prompt(tmp_path, constitution_file):
                              "judge.candidates=samples", f"judge.prompts={prompts}", "judge.n=3", "judge.kway=choice"])
     scores = [{"A": lp(0.6), "B": lp(0.3), "C": lp(0.1)}] * 3
     backend = ScriptedBackend(["a", "b", "c"], option_scores=scores)
-    run_judge(cfg, backend, cfg.run_dir)
+    run_judge(cfg, backend, RunLayout.of(cfg))
     gen = backend.calls[0]
     assert gen[0] == "generate" and gen[2].n == 3 and gen[1] == [[{"role": "user", "content": "Say hi."}]]
     [j] = read_jsonl(cfg.run_dir / "judgments.jsonl", Judgment)
@@ -222,7 +223,7 @@ def test_bad_responses_file_names_the_line(tmp_path, constitution_file):
     cfg = load_config(None, [f"output_dir={tmp_path}", "stages=[judge]", f"judge.constitution={constitution_file}",
                              "judge.candidates=file", f"judge.responses={responses}"])
     with pytest.raises(StoreError, match=r"responses.jsonl:2: 'responses' must be a list of at least two strings"):
-        run_judge(cfg, ScriptedBackend(), cfg.run_dir)
+        run_judge(cfg, ScriptedBackend(), RunLayout.of(cfg))
 
 
 def test_config_refuses_inconsistent_judge_settings():

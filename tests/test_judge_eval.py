@@ -1,10 +1,27 @@
-"""Judge-eval metrics against values computed by hand."""
+"""Judge-eval metrics against values computed by hand; its settings model and the command."""
 
 import json
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from pydantic import ValidationError
 
-from factory.judge_eval import EvalItem, agreement_report, expected_calibration_error, format_table, wilson_interval
+from factory.cli import cli
+from factory.judge_eval import (
+    EvalItem,
+    JudgeEvalConfig,
+    agreement_report,
+    expected_calibration_error,
+    format_table,
+    run_judge_eval,
+    wilson_interval,
+)
+from factory.llm.scripted import ScriptedBackend
+
+REPO = Path(__file__).parents[1]
+HUMAN_PAIRS = REPO / "tests" / "fixtures" / "human_pairs.jsonl"
+HARMLESS = REPO / "principles" / "harmless.yaml"
 
 
 def item(p, p_orders=None, per_principle=None):
@@ -131,3 +148,66 @@ def test_table_without_two_order_items():
 def test_empty_raises():
     with pytest.raises(ValueError, match="no pairs to evaluate"):
         agreement_report([])
+
+
+# -- the settings model and the command ----------------------------------------------------------
+
+
+def test_config_reads_the_options_as_typed_settings():
+    cfg = JudgeEvalConfig(pairs=str(HUMAN_PAIRS), principles="3", cot_band=(0.3, 0.7))
+    assert cfg.principles == 3 and cfg.pairs == HUMAN_PAIRS and cfg.cot_band == (0.3, 0.7)
+    assert JudgeEvalConfig(pairs=HUMAN_PAIRS, principles="all").principles == "all"
+    assert cfg.backend_config().spec == "hf:embedded" and cfg.backend_config().batch_size == 64  # two orders a pair
+    assert all(f.description for f in JudgeEvalConfig.model_fields.values())
+
+
+@pytest.mark.parametrize("settings, field, message", [
+    ({"principles": "0"}, "principles", "expected a positive number or 'all', got '0'"),
+    ({"principles": "some"}, "principles", "expected a positive number or 'all', got 'some'"),
+    ({"principles": True}, "principles", "expected a positive number or 'all'"),
+    ({"cot_band": (0.6, 0.9)}, "cot_band", "expected LOW HIGH with 0 <= LOW <= 0.5 <= HIGH <= 1, got (0.6, 0.9)"),
+    ({"backend": "gpt"}, "backend", "backend spec must start with one of hf, openai, vllm, scripted"),
+    ({"batch_size": 0}, "batch_size", "greater than or equal to 1"),
+    ({"limit": -1}, "limit", "greater than or equal to 0"),
+])
+def test_config_refuses_bad_settings(settings, field, message):
+    with pytest.raises(ValidationError) as info:
+        JudgeEvalConfig(pairs=HUMAN_PAIRS, **settings)
+    (err,) = info.value.errors()
+    assert err["loc"] == (field,) and message in err["msg"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--principles", "0"], "Error: --principles: expected a positive number or 'all', got '0'"),
+    (["--cot-band", "0.6", "0.9"], "Error: --cot-band: expected LOW HIGH with 0 <= LOW <= 0.5 <= HIGH <= 1, got (0.6, 0.9)"),
+    (["--backend", "openai:http://127.0.0.1:1/v1"], "Error: --backend: openai spec needs the model after '#'"),
+    (["--batch-size", "0"], "Error: --batch-size: Input should be greater than or equal to 1"),
+])
+def test_command_names_the_option_at_fault(args, message, monkeypatch):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a backend was loaded for settings that are refused")
+
+    monkeypatch.setattr("factory.llm.load_backend", no_model)
+    result = CliRunner().invoke(cli, ["judge-eval", str(HUMAN_PAIRS), "--constitution", str(HARMLESS), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_command_refuses_an_empty_pairs_file(tmp_path):
+    (tmp_path / "none.jsonl").write_text("", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["judge-eval", str(tmp_path / "none.jsonl"), "--constitution", str(HARMLESS),
+                                      "--backend", "scripted"])
+    assert result.exit_code == 2 and f"Error: {tmp_path / 'none.jsonl'}: no pairs to evaluate" in result.output
+
+
+def test_run_judge_eval_with_a_scripted_judge(tmp_path):
+    # Two pairs, one principle each, both orders: the human's choice is shown as (A), then as (B).
+    judge = ScriptedBackend(option_scores=[{"A": -0.2, "B": -1.7}, {"A": -1.7, "B": -0.2}] * 2)
+    cfg = JudgeEvalConfig(pairs=HUMAN_PAIRS, constitution=HARMLESS, limit=2, backend="scripted",
+                          report=tmp_path / "out" / "figures.json")
+    figures = run_judge_eval(cfg, backend=judge)
+    assert figures["pairs"] == 2 and figures["accuracy"] == 1.0 and figures["position_flip_rate"] == 0.0
+    assert figures["judge_model"] == "scripted" and figures["constitution"] == "harmless"
+    assert figures["pairs_file"] == str(HUMAN_PAIRS)
+    assert json.loads(cfg.report.read_text(encoding="utf-8")) == figures
+    assert len(judge.calls) >= 1 and not judge.option_scores  # every queued score was asked for

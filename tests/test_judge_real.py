@@ -19,6 +19,7 @@ from factory.judge import run_judge
 from factory.records import Judgment, Preference
 from conftest import kill_once_written
 from factory.store import read_jsonl
+from factory.layout import RunLayout
 
 REPO = Path(__file__).parents[1]
 PROMPTS = 4
@@ -33,7 +34,7 @@ def critiqued(tmp_path_factory, hf_embedded) -> Path:
     cfg = load_config(None, [f"output_dir={out}", "name=c", f"critique.constitution={REPO / 'principles/harmless.yaml'}",
                              f"critique.prompts={REPO / 'seeds/red_team_prompts.jsonl'}", f"critique.limit={PROMPTS}",
                              "critique.few_shot=1", "critique.params.max_tokens=32"])
-    run_critique(cfg, hf_embedded, cfg.run_dir)
+    run_critique(cfg, hf_embedded, RunLayout.of(cfg))
     return cfg.run_dir / "revisions.jsonl"
 
 
@@ -45,7 +46,7 @@ def test_judge_on_critique_output_writes_pairs_in_both_formats(tmp_path, critiqu
     shutil.copy(critiqued, run_dir / "revisions.jsonl")
     cfg = load_config(None, [f"output_dir={tmp_path}", "name=j", "stages=[judge]", "judge.principles=2",
                              f"judge.constitution={REPO / 'principles/harmless.yaml'}"])
-    summary = run_judge(cfg, hf_embedded, run_dir)
+    summary = run_judge(cfg, hf_embedded, RunLayout.of(cfg, run_dir))
     judgments = read_jsonl(run_dir / "judgments.jsonl", Judgment)
     assert summary.written == len(judgments) == PROMPTS
     pairs = read_jsonl(run_dir / "preferences.jsonl", Preference)

@@ -9,6 +9,7 @@ a letter's score a function of the request. A kill is a ``Killed`` raised at a c
 
 from __future__ import annotations
 
+from pathlib import Path
 import hashlib
 import json
 import math
@@ -16,11 +17,15 @@ import math
 import pytest
 
 from factory.config import load_config
-from factory.judge import OUTPUT, PAIRS, SAMPLES, Sampled, run_judge
+from factory.judge import Sampled, run_judge
+from factory.layout import RunLayout
 from factory.llm.base import BatchIncomplete, Completion, normalise
 from factory.records import Failure, Judgment
 from factory.store import read_jsonl
 from tests.test_judge import CONSTITUTION
+
+OUTPUT, PAIRS, SAMPLES = (p.name for p in (RunLayout(Path()).judgments, RunLayout(Path()).preferences,
+                                             RunLayout(Path()).judge_samples))
 
 PROMPTS = [f"Say something about {t}." for t in ("tea", "rain", "maps", "bread", "owls")]
 
@@ -98,7 +103,7 @@ def digests(run_dir) -> dict[str, str]:
 def run(cfg, log: list, gen_crash=None, judge_crash=None, gen_fail=(), judge_fail=()):
     generator = Seeded("policy", log, gen_crash, gen_fail)
     judge = Seeded("judge", log, judge_crash, judge_fail)
-    return run_judge(cfg, judge, cfg.run_dir, generator=generator)
+    return run_judge(cfg, judge, RunLayout.of(cfg), generator=generator)
 
 
 def test_every_sample_is_drawn_first_with_the_batches_and_seeds_of_the_interleaved_stage(tmp_path):
@@ -127,7 +132,7 @@ def test_one_backend_that_samples_and_judges_draws_every_sample_first_too(tmp_pa
     cfg = config(tmp_path, "r", n=3)  # 4 // (3 * 2) = 0: one prompt a batch
     log: list = []
     one = Seeded("one", log)
-    run_judge(cfg, one, cfg.run_dir)
+    run_judge(cfg, one, RunLayout.of(cfg))
     assert [(method, seed) for _, method, _, seed in log] == (
         [("generate", 3 + start) for start in range(len(PROMPTS))] + [("option_logprobs", None)] * len(PROMPTS))
     assert len(read_jsonl(cfg.run_dir / OUTPUT, Judgment)) == len(PROMPTS)

@@ -190,15 +190,17 @@ def stage_rng(seed: int, stage: str) -> random.Random:
 
 def record_types() -> dict[str, type]:
     """The record type of every store file a stage writes, by file name."""
-    from factory import bootstrap, critique, generate, instances, judge, rerank
+    from factory.layout import RunLayout
     from factory.records import (BootstrapRequest, ChatExample, Failure, Generation, Instruction, Judgment,
-                                 Preference, PreferencePair, Revision, Task)
+                                 Preference, PreferencePair, Reranked, Revision, Task)
 
+    layout = RunLayout(Path())
     return {
-        generate.OUTPUT: Generation, bootstrap.REQUESTS: BootstrapRequest, bootstrap.OUTPUT: Instruction,
-        instances.OUTPUT: Task, critique.OUTPUT: Revision, critique.SFT: ChatExample,
-        critique.PAIRS: PreferencePair, judge.OUTPUT: Judgment, judge.PAIRS: Preference,
-        rerank.OUTPUT: rerank.Reranked, "failures.jsonl": Failure,
+        layout.generations.name: Generation, layout.bootstrap_requests.name: BootstrapRequest,
+        layout.instructions.name: Instruction, layout.tasks.name: Task, layout.revisions.name: Revision,
+        layout.sft_data.name: ChatExample, layout.critique_pairs.name: PreferencePair,
+        layout.judgments.name: Judgment, layout.preferences.name: Preference, layout.rerank.name: Reranked,
+        layout.failures.name: Failure,
     }
 
 
@@ -440,12 +442,13 @@ def test_bootstrap(server, seed, tmp_path):
     # rebuilds the pool by replaying the written requests, request i's examples are drawn with a
     # seed made of i, a batch's sampling seed is bootstrap.seed + its first index, and batches are
     # written whole, so a lost batch is asked again exactly as the uninterrupted run asked it.
-    from factory.bootstrap import REQUESTS
+    from factory.layout import RunLayout
     from factory.records import BootstrapRequest
     from factory.store import read_jsonl
 
     def requests(run_dir: Path) -> dict:
-        return {r.key: (r.messages, r.reply) for r in read_jsonl(run_dir / REQUESTS, BootstrapRequest)}
+        return {r.key: (r.messages, r.reply) for r in read_jsonl(RunLayout(run_dir).bootstrap_requests,
+                                                                  BootstrapRequest)}
 
     assert all(requests(d) == requests(tmp_path / "reference") for d in figures["dirs"])
 
@@ -500,7 +503,7 @@ def reward_dir(tiny_model, tmp_path_factory) -> Path:
     """A reward-model folder (scalar head on the tiny Llama, untrained): what rerank and PPO read."""
     import torch
 
-    from factory.train.common import ScalarModel, load_tokenizer
+    from factory.train.models import ScalarModel, load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-rm")
     tok = load_tokenizer(str(tiny_model))

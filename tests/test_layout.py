@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import pytest
@@ -13,11 +14,13 @@ from factory.layout import RunLayout
 from factory.llm.scripted import ScriptedBackend
 from factory.pipeline import check_inputs, policy_spec
 from factory.records import Reranked
-from factory.rerank import OUTPUT, run_rerank
+from factory.rerank import run_rerank
 from factory.store import read_jsonl
 from factory.train import ppo
-from factory.train.common import ScalarModel, load_tokenizer
+from factory.train.models import ScalarModel, load_tokenizer
 from factory.train.settings import RerankConfig
+
+OUTPUT = RunLayout(Path()).rerank.name
 
 PROMPTS = ["Name a fruit.", "What is 2 + 2?", "Say something kind.", "Name a tree.", "Say hello."]
 
@@ -62,14 +65,14 @@ def test_start_up_check_looks_where_rm_output_says(reward_run):
 
 
 def test_ppo_finds_the_reward_model_in_rm_output(reward_run):
-    summary = ppo.run_ppo(reward_run, echo=lambda *_: None)
+    summary = ppo.run_ppo(reward_run.ppo, RunLayout.of(reward_run), echo=lambda *_: None)
     assert summary["steps"] == 1
     assert (RunLayout.of(reward_run).policy_model / "config.json").is_file()
 
 
 def test_rerank_finds_the_reward_model_in_rm_output(reward_run):
     backend = ScriptedBackend([f"Reply {i} to {p}" for p in PROMPTS for i in range(2)])
-    summary = run_rerank(reward_run, backend, reward_run.run_dir)
+    summary = run_rerank(reward_run, backend, RunLayout.of(reward_run))
     records = read_jsonl(reward_run.run_dir / OUTPUT, Reranked)
     assert summary.written == len(PROMPTS)
     assert len(records) == len(PROMPTS)

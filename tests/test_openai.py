@@ -23,7 +23,9 @@ from typing import Any, Callable
 import pytest
 
 from factory.llm.base import BackendError, GenParams
-from factory.llm.openai import OpenAIBackend, backoff_delay, is_retryable_status, score_options
+from factory.llm.http_retry import backoff_delay, is_retryable_status
+from factory.llm.openai import OpenAIBackend
+from factory.llm.top_logprobs import score_options
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -22,11 +22,13 @@ from matplotlib.image import imread
 from factory.cli import cli
 from factory.config import RunConfig
 from factory.dedup import rouge_l_f1
-from factory.pipeline import FIRST_ROUND_ONLY
+from factory.pipeline import stage as stage_of
 from factory.records import (BootstrapRequest, Candidate, ChatExample, Comparison, Generation, Instance, Instruction,
                              Judgment, Preference, PreferencePair, Revision, Round, Similar, Task, file_sha256)
 from factory.records import Reranked
-from factory.report import build_report, flip_rate, seed_similarity, verb_object
+from factory.report import build_report
+from factory.report_diversity import seed_similarity, verb_object
+from factory.report_rounds import flip_rate
 from factory.seeds import load_seeds
 from factory.store import Store
 
@@ -201,7 +203,7 @@ def two_round_run() -> Path:
     cfg = RunConfig(name="loop", stages=STAGES, rounds=2)
     for r in (1, 2):
         rcfg = cfg.model_copy(update={"output_dir": cfg.run_dir, "name": f"round-{r}", "rounds": 1,
-                                      "stages": [s for s in STAGES if r == 1 or s not in FIRST_ROUND_ONLY]})
+                                      "stages": [s for s in STAGES if r == 1 or not stage_of(s).first_round_only]})
         folder = rcfg.run_dir
         write_manifest(folder, rcfg, rcfg.bootstrap.seeds if r == 1 else [])
         if r == 1:

@@ -12,12 +12,16 @@ from factory.config import BackendConfig, RunConfig
 from factory.llm.base import BackendError
 from factory.llm.scripted import ScriptedBackend
 from factory.records import Reranked
-from factory.rerank import OUTPUT, run_rerank
+from factory.rerank import run_rerank
 from factory.store import read_jsonl
 from factory.train import TrainError
-from factory.train.common import ScalarModel, load_tokenizer, read_messages
-from factory.train.reward import reply_ids
+from factory.train.chat import read_messages
+from factory.train.models import ScalarModel, load_tokenizer
+from factory.train.scoring import reply_ids
 from factory.train.settings import RerankConfig
+from factory.layout import RunLayout
+
+OUTPUT = RunLayout(Path()).rerank.name
 
 PROMPTS = ["Name a fruit.", "What is 2 + 2?", "Say something kind."]
 RESPONSES = [
@@ -66,7 +70,7 @@ def test_rerank_keeps_the_response_the_reward_model_scores_highest(run):
         queued += order
         expected.append((order, [scores[responses.index(r)] for r in order], p + 1))
     backend = ScriptedBackend(queued)
-    summary = run_rerank(cfg, backend, cfg.run_dir)
+    summary = run_rerank(cfg, backend, RunLayout.of(cfg))
     assert (summary.total, summary.skipped, summary.written) == (3, 0, 3)
 
     # Two prompts per generate call (8 sequences / n = 4), n and seed passed on.
@@ -88,17 +92,17 @@ def test_rerank_resumes_without_sampling_again(run):
     cfg, _, _ = run
     first = ScriptedBackend([f"reply {i}" for i in range(8)])  # enough for the first two prompts only
     with pytest.raises(BackendError):
-        run_rerank(cfg, first, cfg.run_dir)
+        run_rerank(cfg, first, RunLayout.of(cfg))
     assert len(read_jsonl(cfg.run_dir / OUTPUT, Reranked)) == 2
 
     second = ScriptedBackend([f"late {i}" for i in range(4)])
-    summary = run_rerank(cfg, second, cfg.run_dir)
+    summary = run_rerank(cfg, second, RunLayout.of(cfg))
     assert (summary.skipped, summary.written) == (2, 1)
     assert [len(requests) for _, requests, _ in second.calls] == [1]
     assert second.calls[0][1][0][0]["content"] == PROMPTS[2]
 
     idle = ScriptedBackend()
-    summary = run_rerank(cfg, idle, cfg.run_dir)
+    summary = run_rerank(cfg, idle, RunLayout.of(cfg))
     assert (summary.skipped, summary.written) == (3, 0) and idle.calls == []
     assert [r.prompt for r in read_jsonl(cfg.run_dir / OUTPUT, Reranked)] == PROMPTS
 
@@ -108,8 +112,8 @@ def test_missing_or_headless_reward_model_fails_before_sampling(run, tmp_path, t
     backend = ScriptedBackend([f"r{i}" for i in range(12)])
     cfg.rerank = cfg.rerank.model_copy(update={"reward_model": tmp_path / "nowhere"})
     with pytest.raises(FileNotFoundError, match="run `factory train rm` first"):
-        run_rerank(cfg, backend, cfg.run_dir)
+        run_rerank(cfg, backend, RunLayout.of(cfg))
     cfg.rerank = cfg.rerank.model_copy(update={"reward_model": Path(tiny_model)})  # a causal LM, no head
     with pytest.raises(TrainError, match="not a reward model"):
-        run_rerank(cfg, backend, cfg.run_dir)
+        run_rerank(cfg, backend, RunLayout.of(cfg))
     assert backend.calls == []

@@ -29,17 +29,16 @@ from factory.config import ConfigError, load_config
 from factory.constitution import DECLARED, ConstitutionError, render
 from factory.export import ExportError, export_run
 from factory.train import TrainError
-from factory.train.common import (
+from factory.train.checkpoints import (
     PICKLED_STATE,
     STATE_JSON,
     STATE_TENSORS,
-    ScalarModel,
     flatten_state,
-    load_causal_lm,
     load_checkpoint,
     save_checkpoint,
     unflatten_state,
 )
+from factory.train.models import ScalarModel, load_causal_lm
 
 REPO = Path(__file__).parents[1]
 PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # a pickle stream (protocol 2+), a torch.save zip
@@ -268,7 +267,7 @@ DANGEROUS = {
 ALLOWED = {
     # An old-format checkpoint, read only when the user passed --allow-pickle, and even then with
     # torch's restricted unpickler (tensors and plain containers only).
-    ("factory/train/common.py", "torch.load"): "return torch.load(pickled, weights_only=True)",
+    ("factory/train/checkpoints.py", "torch.load"): "return torch.load(pickled, weights_only=True)",
 }
 
 

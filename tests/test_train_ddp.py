@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 
 from conftest import free_port
 from factory.config import load_config
+from factory.layout import RunLayout
 from factory.records import Preference
 from factory.train import ppo, reward, sft
-from factory.train.common import HEAD_FILE, ScalarModel, load_tokenizer
+from factory.train.models import HEAD_FILE, ScalarModel, load_tokenizer
 
 FACTORY = str(Path(sys.executable).with_name("factory"))  # the console script, as a user launches it
 
@@ -103,14 +104,14 @@ def assert_same_weights(a: Path, b: Path, skip: tuple[str, ...] = ()) -> None:
 # -- the collectives themselves -------------------------------------------------------------------
 
 WORKER = textwrap.dedent('''
-    """Each rank computes with common.Dist; the test compares with one process's results."""
+    """Each rank computes with distributed.Dist; the test compares with one process's results."""
     import json, sys
     import torch
-    from factory.train import TrainError, common
-    from factory.train.common import processes
+    from factory.train import TrainError, distributed
+    from factory.train.distributed import processes
     from factory.train.ppo import masked_whiten
 
-    common.BUCKET = 4  # buckets of 4 values: a weight and its bias go in separate collectives
+    distributed.BUCKET = 4  # buckets of 4 values: a weight and its bias go in separate collectives
     dist, device = processes("cpu")
     r, out = dist.rank, {}
     out["shards"] = [dist.shard(list(range(n))) for n in (0, 1, 5)]
@@ -208,7 +209,7 @@ def test_sft_two_processes_resume_and_match_one(tmp_path, tiny_model, monkeypatc
     settings = dict(model=tiny_model, device="cpu", epochs=3, batch_size=3, lr=1e-3, held_out=0.2, max_length=64,
                     data=data, checkpoint_every=1)
     one = load_config(None, overrides("sft", tmp_path / "one", **settings))
-    sft.run_sft(one, echo=lambda *_: None)
+    sft.run_sft(one.sft, RunLayout.of(one), echo=lambda *_: None)
 
     # One process stops in step 4 (calls: steps 1, 2, the eval loss, step 3, step 4), so the last
     # checkpoint is step 3's, mid-epoch; two processes go on from it.
@@ -222,8 +223,9 @@ def test_sft_two_processes_resume_and_match_one(tmp_path, tiny_model, monkeypatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(sft, "batch_loss", interrupted)
+    run_cfg = load_config(None, two)
     with pytest.raises(KeyboardInterrupt):
-        sft.run_sft(load_config(None, two), echo=lambda *_: None)
+        sft.run_sft(run_cfg.sft, RunLayout.of(run_cfg), echo=lambda *_: None)
     monkeypatch.undo()
     out = launch(FACTORY, "train", "sft", *flags(two))
     assert out.count("sft: resuming from") == 1 and "at step 3" in out  # rank 0 alone reports
@@ -272,7 +274,7 @@ def test_reward_two_processes_killed_resumed_match_one(tmp_path, tiny_model):
     two = overrides("rm", tmp_path / "two", **settings)
     for cfg in (one, load_config(None, two)):
         write_prefs(cfg.run_dir / "preferences.jsonl")
-    summary = reward.run_reward(one, echo=lambda *_: None)
+    summary = reward.run_reward(one.rm, RunLayout.of(one), echo=lambda *_: None)
     assert summary["steps"] == 6  # 9 training pairs, 3 a step, 2 epochs
 
     a, b = tmp_path / "one" / "run" / "rm", tmp_path / "two" / "run" / "rm"
@@ -366,7 +368,8 @@ def test_ppo_two_processes_match_one(tmp_path, tiny_model, monkeypatch):
     defined: dict = {}
     exec(ROLLOUTS, defined)
     monkeypatch.setattr(ppo, "sample", defined["chosen_rollouts"])
-    ppo.run_ppo(load_config(None, overrides("ppo", tmp_path / "one", **settings)), echo=lambda *_: None)
+    run_cfg = load_config(None, overrides("ppo", tmp_path / "one", **settings))
+    ppo.run_ppo(run_cfg.ppo, RunLayout.of(run_cfg), echo=lambda *_: None)
 
     a, b = tmp_path / "one" / "run" / "policy", tmp_path / "two" / "run" / "policy"
     assert_same_weights(a / "model" / "model.safetensors", b / "model" / "model.safetensors")

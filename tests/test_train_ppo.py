@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from factory.config import RunConfig
+from factory.layout import RunLayout
 from factory.train import TrainError, ppo
-from factory.train.common import ScalarModel, load_tokenizer
+from factory.train.models import ScalarModel, load_tokenizer
 
 STEP_KEYS = [
     "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "objective/non_score_reward",
@@ -144,7 +145,7 @@ def data_dir(tmp_path_factory) -> Path:
 def test_rollout_logprobs_match_the_update(tiny_model):
     """The log-probs kept from sampling (KV cache, left padding) are those the update recomputes
     in one forward, so the PPO ratio starts at 1; and a row's do not depend on its padding."""
-    from factory.train.common import load_causal_lm
+    from factory.train.models import load_causal_lm
 
     tok = load_tokenizer(str(tiny_model))
     policy = load_causal_lm(str(tiny_model), torch.device("cpu"), tok).eval()
@@ -180,7 +181,7 @@ def test_ppo_run(tmp_path, tiny_model, rm_dir, data_dir):
     from transformers import AutoModelForCausalLM
 
     cfg = make_cfg(tmp_path, tiny_model, rm_dir, data_dir)
-    summary = ppo.run_ppo(cfg, echo=lambda *_: None)
+    summary = ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
     out = cfg.run_dir / "policy"
     assert summary["steps"] == 3 and math.isfinite(summary["kl_final"]) and summary["seconds_per_step"] > 0
 
@@ -217,20 +218,20 @@ def test_ppo_run(tmp_path, tiny_model, rm_dir, data_dir):
     backend.close()
 
     said = []
-    assert ppo.run_ppo(cfg, echo=said.append) == summary  # finished: nothing to do
+    assert ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=said.append) == summary  # finished: nothing to do
     assert "nothing to do" in said[0]
 
 
 def test_missing_reward_model(tmp_path, tiny_model, data_dir):
     cfg = make_cfg(tmp_path, tiny_model, tmp_path / "nowhere", data_dir)
     with pytest.raises(TrainError, match="factory train rm"):
-        ppo.run_ppo(cfg, echo=lambda *_: None)
+        ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path, tiny_model, rm_dir, data_dir, monkeypatch):
     settings = dict(steps=4, eval_every=3, checkpoint_every=2)
     whole = make_cfg(tmp_path / "a", tiny_model, rm_dir, data_dir, **settings)
-    ppo.run_ppo(whole, echo=lambda *_: None)
+    ppo.run_ppo(whole.ppo, RunLayout.of(whole), echo=lambda *_: None)
 
     class Interrupted(Exception):
         pass
@@ -245,10 +246,10 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_model, rm_dir, data_dir
     parts = make_cfg(tmp_path / "b", tiny_model, rm_dir, data_dir, **settings)
     monkeypatch.setattr(ppo, "Metrics", KilledAfterStep3)
     with pytest.raises(Interrupted):
-        ppo.run_ppo(parts, echo=lambda *_: None)
+        ppo.run_ppo(parts.ppo, RunLayout.of(parts), echo=lambda *_: None)
     monkeypatch.undo()
     said = []
-    ppo.run_ppo(parts, echo=said.append)
+    ppo.run_ppo(parts.ppo, RunLayout.of(parts), echo=said.append)
     assert "resuming after step 2" in said[0]
 
     a, b = whole.run_dir / "policy", parts.run_dir / "policy"
@@ -269,15 +270,15 @@ def test_objective_entropy_is_the_policy_entropy(tmp_path, tiny_model, rm_dir, d
     """objective/entropy is the entropy of the temperature-scaled distribution the policy samples
     from, not the sampled tokens' -log-probs (a one-sample estimate of it): with one-token responses
     it depends on the step's prompts alone, recomputed here one prompt at a time."""
-    from factory.train.common import load_causal_lm
+    from factory.train.models import load_causal_lm
 
     cfg = make_cfg(tmp_path, tiny_model, rm_dir, data_dir, steps=1, response_length=1, temperature=0.2)
-    ppo.run_ppo(cfg, echo=lambda *_: None)
+    ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
     logged = rows(cfg.run_dir / "policy" / "metrics.jsonl")[1]["objective/entropy"]
 
     tok = load_tokenizer(str(tiny_model))
     policy = load_causal_lm(str(tiny_model), torch.device("cpu"), tok).eval()
-    prompts = ppo._prompts(cfg, tok)
+    prompts = ppo._prompts(cfg.ppo, RunLayout.of(cfg), tok)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(0)).tolist()
     train = [prompts[i] for i in order[cfg.ppo.eval_prompts:]]  # the run's split, then its first batch
     expected = []
@@ -291,7 +292,7 @@ def test_objective_entropy_is_the_policy_entropy(tmp_path, tiny_model, rm_dir, d
 def test_ptx(tmp_path, tiny_model, rm_dir, data_dir):
     cfg = make_cfg(tmp_path, tiny_model, rm_dir, data_dir, steps=2, ptx_coef=0.5,
                    sft_data=data_dir / "sft.jsonl", adaptive_kl=True, whiten_rewards=True)
-    ppo.run_ppo(cfg, echo=lambda *_: None)
+    ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
     metrics = rows(cfg.run_dir / "policy" / "metrics.jsonl")
     for r in metrics[1:]:
         assert math.isfinite(r["loss/ptx"]) and r["loss/ptx"] > 0
@@ -300,7 +301,7 @@ def test_ptx(tmp_path, tiny_model, rm_dir, data_dir):
 
 def test_lora(tmp_path, tiny_model, rm_dir, data_dir):
     cfg = make_cfg(tmp_path, tiny_model, rm_dir, data_dir, steps=2, lora={"r": 4, "alpha": 8})
-    ppo.run_ppo(cfg, echo=lambda *_: None)
+    ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=lambda *_: None)
     out = cfg.run_dir / "policy"
     start_policy = load_file(str(tiny_model / "model.safetensors"))
     policy = load_file(str(out / "checkpoint" / "policy.safetensors"))

@@ -18,16 +18,11 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from factory.config import ConfigError, RunConfig, load_config
+from factory.layout import RunLayout
 from factory.train import ppo, sft
 from factory.train import reward as R
-from factory.train.common import (
-    ScalarModel,
-    autocast,
-    compute_dtype,
-    float32_logits,
-    load_causal_lm,
-    load_tokenizer,
-)
+from factory.train.models import ScalarModel, load_causal_lm, load_tokenizer
+from factory.train.precision import autocast, compute_dtype, float32_logits
 from factory.train.settings import PPOConfig, RewardConfig, SFTConfig
 from tests.test_train_reward import make_prefs, write_prefs
 from tests.test_train_sft import make_cfg as sft_cfg
@@ -101,11 +96,12 @@ def test_a_checkpoint_resumes_in_another_precision(tmp_path, tiny_model):
     run checkpointed on a laptop in float32 resumes on a GPU in bf16 (here: bf16 on the CPU)."""
     import shutil
 
-    sft.run_sft(sft_cfg(tmp_path, tiny_model, epochs=1), echo=quiet)
+    run_cfg = sft_cfg(tmp_path, tiny_model, epochs=1)
+    sft.run_sft(run_cfg.sft, RunLayout.of(run_cfg), echo=quiet)
     shutil.rmtree(tmp_path / "outputs" / "run" / "sft" / "model")  # as if killed before the model was saved
     said: list[str] = []
-    sft.run_sft(sft_cfg(tmp_path, tiny_model, epochs=1, dtype="bfloat16", gradient_checkpointing=True),
-                echo=said.append)
+    run_cfg = sft_cfg(tmp_path, tiny_model, epochs=1, dtype="bfloat16", gradient_checkpointing=True)
+    sft.run_sft(run_cfg.sft, RunLayout.of(run_cfg), echo=said.append)
     assert "resuming" in said[0]
     assert (tmp_path / "outputs" / "run" / "sft" / "model" / "config.json").is_file()
 
@@ -154,7 +150,8 @@ def test_ppo_logits_are_float32_products_under_bf16(tiny_model):
 def test_ppo_runs_its_lm_heads_in_float32_under_bf16(tmp_path, tiny_model, rm_dir, prompts, monkeypatch, dtype):
     patched = []
     monkeypatch.setattr(ppo, "float32_logits", lambda m: patched.append(m) or float32_logits(m))
-    ppo.run_ppo(ppo_cfg(tmp_path, tiny_model, rm_dir, prompts, dtype=dtype, steps=1), echo=quiet)
+    run_cfg = ppo_cfg(tmp_path, tiny_model, rm_dir, prompts, dtype=dtype, steps=1)
+    ppo.run_ppo(run_cfg.ppo, RunLayout.of(run_cfg), echo=quiet)
     # bf16: the policy and its frozen reference copy (two models); float32 (the CPU's auto): none
     assert len(patched) == (2 if dtype == "bfloat16" else 0)
 
@@ -196,7 +193,7 @@ def test_bf16_autocast_trains_every_trainer_on_the_cpu(tmp_path, tiny_model, rm_
     start = load_file(str(tiny_model / "model.safetensors"))
 
     cfg = sft_cfg(tmp_path, tiny_model, epochs=2, dtype="bfloat16")
-    summary = sft.run_sft(cfg, echo=quiet)
+    summary = sft.run_sft(cfg.sft, RunLayout.of(cfg), echo=quiet)
     assert math.isfinite(summary["train_loss"])
     after = load_file(str(cfg.run_dir / "sft" / "model" / "model.safetensors"))
     assert all(v.dtype == torch.float32 for v in after.values())
@@ -205,7 +202,7 @@ def test_bf16_autocast_trains_every_trainer_on_the_cpu(tmp_path, tiny_model, rm_
     pairs = write_prefs(tmp_path / "prefs.jsonl", make_prefs())
     for share in ("true", "false"):  # the packed path's additive mask, and the plain path
         rm = rm_cfg(tmp_path / f"rm-{share}", tiny_model, pairs, "rm.dtype=bfloat16", f"rm.share_prompt={share}")
-        summary = R.run_reward(rm, echo=quiet)
+        summary = R.run_reward(rm.rm, RunLayout.of(rm), echo=quiet)
         assert math.isfinite(summary["bias"]) and summary["accuracy"] is not None
         rows = [json.loads(line) for line in (rm.run_dir / "rm" / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
@@ -213,7 +210,7 @@ def test_bf16_autocast_trains_every_trainer_on_the_cpu(tmp_path, tiny_model, rm_
         assert head["weight"].dtype == torch.float32
 
     pc = ppo_cfg(tmp_path, tiny_model, rm_dir, prompts, dtype="bfloat16")
-    ppo.run_ppo(pc, echo=quiet)
+    ppo.run_ppo(pc.ppo, RunLayout.of(pc), echo=quiet)
     rows = [json.loads(line) for line in (pc.run_dir / "policy" / "metrics.jsonl").read_text().splitlines()]
     for r in rows[1:]:
         assert all(math.isfinite(r[k]) for k in ("loss/policy", "loss/value", "objective/kl", "objective/entropy"))
@@ -257,7 +254,7 @@ def test_gradient_checkpointing_sft_gives_the_same_weights(tmp_path, tiny_model,
         mlp_calls[0] = 0
         cfg = sft_cfg(tmp_path, tiny_model, name=f"gc{on}", epochs=1, gradient_checkpointing=on,
                       lora={"r": lora, "alpha": 8})
-        summary = sft.run_sft(cfg, echo=quiet)
+        summary = sft.run_sft(cfg.sft, RunLayout.of(cfg), echo=quiet)
         assert math.isfinite(summary["train_loss"])
         runs[on] = (mlp_calls[0], weights(cfg.run_dir / "sft" / "model"))
     # 2 steps x 2 layers: one forward each without checkpointing, a second in the backward with it.
@@ -272,7 +269,7 @@ def test_gradient_checkpointing_rm_gives_the_same_weights(tmp_path, tiny_model, 
     for on in ("false", "true"):
         mlp_calls[0] = 0
         cfg = rm_cfg(tmp_path / on, tiny_model, pairs, f"rm.gradient_checkpointing={on}", "rm.held_out=0")
-        R.run_reward(cfg, echo=quiet)
+        R.run_reward(cfg.rm, RunLayout.of(cfg), echo=quiet)
         final = cfg.run_dir / "rm" / "model"
         runs[on] = (mlp_calls[0], weights(final) | weights(final, "scalar_head.safetensors"))
     assert runs["true"][0] > runs["false"][0]  # recomputed in the backward passes
@@ -286,7 +283,7 @@ def test_gradient_checkpointing_ppo_with_lora_gives_the_same_weights(tmp_path, t
         mlp_calls[0] = 0
         cfg = ppo_cfg(tmp_path / str(on), tiny_model, rm_dir, prompts, gradient_checkpointing=on,
                       lora={"r": 4, "alpha": 8})
-        ppo.run_ppo(cfg, echo=quiet)
+        ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=quiet)
         ckpt = cfg.run_dir / "policy" / "checkpoint"
         rows = [json.loads(line) for line in (cfg.run_dir / "policy" / "metrics.jsonl").read_text().splitlines()]
         assert all(math.isfinite(r["loss/policy"]) and math.isfinite(r["loss/value"]) for r in rows[1:])
@@ -332,9 +329,12 @@ def test_trainers_free_their_models_when_they_return(tmp_path, tiny_model, rm_di
     monkeypatch.setattr(ppo, "load_causal_lm", spy(ppo.load_causal_lm))
     monkeypatch.setattr(ScalarModel, "from_pretrained", classmethod(spy(ScalarModel.from_pretrained.__func__)))
 
-    sft.run_sft(sft_cfg(tmp_path, tiny_model, epochs=1, lora={"r": 4, "alpha": 8}), echo=quiet)
-    R.run_reward(rm_cfg(tmp_path / "rm", tiny_model, write_prefs(tmp_path / "p.jsonl", make_prefs())), echo=quiet)
-    ppo.run_ppo(ppo_cfg(tmp_path, tiny_model, rm_dir, prompts), echo=quiet)
+    run_cfg = sft_cfg(tmp_path, tiny_model, epochs=1, lora={"r": 4, "alpha": 8})
+    sft.run_sft(run_cfg.sft, RunLayout.of(run_cfg), echo=quiet)
+    run_cfg = rm_cfg(tmp_path / "rm", tiny_model, write_prefs(tmp_path / "p.jsonl", make_prefs()))
+    R.run_reward(run_cfg.rm, RunLayout.of(run_cfg), echo=quiet)
+    run_cfg = ppo_cfg(tmp_path, tiny_model, rm_dir, prompts)
+    ppo.run_ppo(run_cfg.ppo, RunLayout.of(run_cfg), echo=quiet)
     assert len(loaded) == 5  # sft's model, rm's, ppo's policy, reward and value models
     assert [r() is None for r in loaded] == [True] * 5
 
@@ -368,11 +368,13 @@ def allocated() -> int:
 @needs_cuda
 def test_cuda_trainers_in_bf16_free_the_gpu(tmp_path, tiny_model, rm_dir, prompts):
     before = allocated()
-    summary = sft.run_sft(sft_cfg(tmp_path, tiny_model, epochs=2, device="cuda"), echo=quiet)
+    run_cfg = sft_cfg(tmp_path, tiny_model, epochs=2, device="cuda")
+    summary = sft.run_sft(run_cfg.sft, RunLayout.of(run_cfg), echo=quiet)
     assert math.isfinite(summary["train_loss"])
     rm = rm_cfg(tmp_path / "rm", tiny_model, write_prefs(tmp_path / "p.jsonl", make_prefs()), "rm.device=cuda",
                 "rm.dtype=auto")
-    assert math.isfinite(R.run_reward(rm, echo=quiet)["bias"])
-    ppo.run_ppo(ppo_cfg(tmp_path, tiny_model, rm_dir, prompts, device="cuda"), echo=quiet)
+    assert math.isfinite(R.run_reward(rm.rm, RunLayout.of(rm), echo=quiet)["bias"])
+    run_cfg = ppo_cfg(tmp_path, tiny_model, rm_dir, prompts, device="cuda")
+    ppo.run_ppo(run_cfg.ppo, RunLayout.of(run_cfg), echo=quiet)
     # Nothing left: the tiny model's weights alone are 6.3 MB (its 49k x 32 embedding), its AdamW state twice that.
     assert allocated() - before < 2**20

@@ -16,6 +16,7 @@ from factory.cli import cli
 from factory.config import load_config
 from factory.critique import run_critique
 from factory.judge import run_judge
+from factory.layout import RunLayout
 
 REPO = Path(__file__).parents[1]
 PROMPTS = 6
@@ -66,8 +67,8 @@ n = 2
 params = {{ max_tokens = 16 }}
 """)
     cfg = load_config(config)
-    run_critique(cfg, hf_embedded, cfg.run_dir)
-    run_judge(cfg, hf_embedded, cfg.run_dir)
+    run_critique(cfg, hf_embedded, RunLayout.of(cfg))
+    run_judge(cfg, hf_embedded, RunLayout.of(cfg))
     assert (cfg.run_dir / "sft.jsonl").is_file() and (cfg.run_dir / "preferences.jsonl").is_file()
     return config
 
@@ -125,5 +126,5 @@ def test_sft_rm_ppo_and_rerank_on_the_real_model(judged, hf_embedded):
     assert out[0][0].text.strip()
 
     cfg = load_config(judged)
-    summary = run_rerank(cfg, hf_embedded, run_dir)
+    summary = run_rerank(cfg, hf_embedded, RunLayout.of(cfg, run_dir))
     assert summary.written == 2

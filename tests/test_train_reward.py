@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from factory.config import load_config
+from factory.layout import RunLayout
 from factory.records import Preference
 from factory.train import TrainError
 from factory.train import reward as R
-from factory.train.common import HEAD_FILE, ScalarModel, load_tokenizer, seed_all
+from factory.train.models import HEAD_FILE, ScalarModel, load_tokenizer
+from factory.train.optim import seed_all
 
 CPU = torch.device("cpu")
 
@@ -154,7 +156,7 @@ def test_train_writes_metrics_eval_and_a_normalised_model(tmp_path, tiny_model):
     refs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": f"Answer {i}."}]}
             for i, q in enumerate(QUESTIONS[:5])]
     (run / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
-    summary = R.run_reward(cfg, echo=lambda *_: None)
+    summary = R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
 
     out = run / "rm"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -186,7 +188,7 @@ def test_train_writes_metrics_eval_and_a_normalised_model(tmp_path, tiny_model):
     meta = json.loads((out / "model" / "scalar_model.json").read_text())
     assert meta["base_model"] and meta["normalised_on"] == str(run / "sft.jsonl")
 
-    again = R.run_reward(cfg, echo=lambda *_: None)
+    again = R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     assert again["already_finished"] and again["bias"] == summary["bias"]
 
 
@@ -200,7 +202,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_model, 
     cut = config(tmp_path / "b", tiny_model, *extra)
     for cfg in (whole, cut):
         write_prefs(cfg.run_dir / "preferences.jsonl", make_prefs())
-    done = R.run_reward(whole, echo=lambda *_: None)
+    done = R.run_reward(whole.rm, RunLayout.of(whole), echo=lambda *_: None)
     per_epoch = done["steps"] // 2
     # in epoch 2, one step after a mid-epoch checkpoint (they fall on even steps)
     kill_at = per_epoch + 3 if (per_epoch + 3) % 2 else per_epoch + 4
@@ -215,11 +217,11 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_model, 
 
     monkeypatch.setattr(R, "Metrics", Dies)
     with pytest.raises(Killed):
-        R.run_reward(cut, echo=lambda *_: None)
+        R.run_reward(cut.rm, RunLayout.of(cut), echo=lambda *_: None)
     assert not (cut.run_dir / "rm" / "model").exists()
     monkeypatch.undo()
     echoed = []
-    R.run_reward(cut, echo=echoed.append)
+    R.run_reward(cut.rm, RunLayout.of(cut), echo=echoed.append)
     assert any("resuming" in e and f"step {kill_at - 1}" in e for e in echoed)
 
     for name in ("model.safetensors", HEAD_FILE):
@@ -246,11 +248,11 @@ def test_a_kill_after_the_last_step_does_not_train_again(tmp_path, tiny_model, m
 
     monkeypatch.setattr(R, "score", dies)  # killed while normalising, after the last step
     with pytest.raises(Killed):
-        R.run_reward(cfg, echo=lambda *_: None)
+        R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     monkeypatch.undo()
     metrics = cfg.run_dir / "rm" / "metrics.jsonl"
     before = metrics.read_text()
-    summary = R.run_reward(cfg, echo=lambda *_: None)
+    summary = R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     assert metrics.read_text() == before  # no step ran again
     ckpt = load_file(str(cfg.run_dir / "rm" / "checkpoint" / "model.safetensors"))
     final = load_file(str(cfg.run_dir / "rm" / "model" / HEAD_FILE))
@@ -260,19 +262,19 @@ def test_a_kill_after_the_last_step_does_not_train_again(tmp_path, tiny_model, m
 def test_bad_input_is_a_clear_error(tmp_path, tiny_model):
     cfg = config(tmp_path, tiny_model)
     with pytest.raises(TrainError, match="run the judge stage first"):
-        R.run_reward(cfg, echo=lambda *_: None)
+        R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     path = cfg.run_dir / "preferences.jsonl"
     path.parent.mkdir(parents=True)
     path.write_text("\n")
     with pytest.raises(TrainError, match="no preference pairs"):
-        R.run_reward(cfg, echo=lambda *_: None)
+        R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     good = make_prefs()[0].model_dump_json()
     path.write_text(good + "\n" + '{"prompt": "x", "chosen": "a"}\n' + good + "\n")
     with pytest.raises(TrainError, match=rf"{path}:2: not a preference pair"):
-        R.run_reward(cfg, echo=lambda *_: None)
+        R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     path.write_text(good.replace('"p_chosen":0.95', '"p_chosen":1.5') + "\n")
     with pytest.raises(TrainError, match=rf"{path}:1: p_chosen is 1.5"):
-        R.run_reward(cfg, echo=lambda *_: None)
+        R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     # a torn last line (a killed judge) is dropped, not an error
     path.write_text(good + "\n" + good[:30])
     with pytest.warns(UserWarning, match="torn"):
@@ -282,7 +284,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_model):
 def test_lora_trains_only_adapters_and_head(tmp_path, tiny_model):
     cfg = config(tmp_path, tiny_model, "rm.lora.r=4", "rm.held_out=0")
     write_prefs(cfg.run_dir / "preferences.jsonl", make_prefs())
-    R.run_reward(cfg, echo=lambda *_: None)
+    R.run_reward(cfg.rm, RunLayout.of(cfg), echo=lambda *_: None)
     base = load_file(str(tiny_model / "model.safetensors"))
     ckpt = load_file(str(cfg.run_dir / "rm" / "checkpoint" / "model.safetensors"))
     lora_b = [k for k in ckpt if "lora_B" in k]

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from factory.config import RunConfig
+from factory.layout import RunLayout
 from factory.llm.base import GenParams
 from factory.train import TrainError, sft
-from factory.train.common import chat_ids, load_causal_lm, load_tokenizer
+from factory.train.chat import chat_ids
+from factory.train.models import load_causal_lm, load_tokenizer
 from factory.train.settings import LoraSettings, SFTConfig
 
 CONVERSATIONS = [
@@ -92,7 +94,7 @@ def test_sft_learns_saves_a_loadable_model_and_stops_when_done(tmp_path, tiny_mo
     from factory.llm.hf import HFBackend
 
     cfg = make_cfg(tmp_path, tiny_model, held_out=0.25, lr=1e-2)
-    summary = sft.run_sft(cfg, echo=lambda s: None)
+    summary = sft.run_sft(cfg.sft, RunLayout.of(cfg), echo=lambda s: None)
     assert summary["conversations"] == {"train": 3, "held_out": 1, "truncated": 0, "dropped": 0}
     assert summary["steps"] == 20 and math.isfinite(summary["train_loss"]) and math.isfinite(summary["eval_loss"])
 
@@ -118,7 +120,7 @@ def test_sft_learns_saves_a_loadable_model_and_stops_when_done(tmp_path, tiny_mo
     assert len(out) == 1 and out[0][0].tokens > 0
 
     said = []
-    again = sft.run_sft(cfg, echo=said.append)
+    again = sft.run_sft(cfg.sft, RunLayout.of(cfg), echo=said.append)
     assert again["already_finished"] and again["steps"] == 20
     assert "already finished" in said[0] and metrics(cfg) == rows
 
@@ -128,7 +130,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_model, 
         return make_cfg(tmp_path, tiny_model, name=name, epochs=2, batch_size=1, checkpoint_every=3)
 
     whole = config("whole")
-    sft.run_sft(whole, echo=lambda s: None)
+    sft.run_sft(whole.sft, RunLayout.of(whole), echo=lambda s: None)
 
     # Interrupted at step 7 (4 steps an epoch): the last checkpoint is step 6, mid second epoch.
     cut = config("cut")
@@ -142,11 +144,11 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_model, 
 
     monkeypatch.setattr(sft, "batch_loss", failing)
     with pytest.raises(KeyboardInterrupt):
-        sft.run_sft(cut, echo=lambda s: None)
+        sft.run_sft(cut.sft, RunLayout.of(cut), echo=lambda s: None)
     assert json.loads((cut.run_dir / "sft" / "checkpoint" / "state.json").read_text())["step"] == 6
     monkeypatch.setattr(sft, "batch_loss", real)
     said = []
-    summary = sft.run_sft(cut, echo=said.append)
+    summary = sft.run_sft(cut.sft, RunLayout.of(cut), echo=said.append)
     assert "resuming" in said[0] and "step 6" in said[0]
 
     a = load_file(str(whole.run_dir / "sft" / "model" / "model.safetensors"))
@@ -159,7 +161,7 @@ def test_resume_after_interruption_gives_the_same_weights(tmp_path, tiny_model, 
 
 def test_lora_trains_adapters_only_and_saves_them_merged(tmp_path, tiny_model):
     cfg = make_cfg(tmp_path, tiny_model, epochs=1, lora=LoraSettings(r=4, alpha=8))
-    sft.run_sft(cfg, echo=lambda s: None)
+    sft.run_sft(cfg.sft, RunLayout.of(cfg), echo=lambda s: None)
     final = cfg.run_dir / "sft" / "model"
     assert not (final / "adapter_config.json").exists()
     before, after = load_file(str(tiny_model / "model.safetensors")), load_file(str(final / "model.safetensors"))
@@ -174,10 +176,11 @@ def test_lora_trains_adapters_only_and_saves_them_merged(tmp_path, tiny_model):
 def test_data_errors_name_the_file_and_line(tmp_path, tiny_model):
     cfg = make_cfg(tmp_path, tiny_model, data=None)
     with pytest.raises(TrainError, match="run the critique stage first, or set sft.data"):
-        sft.run_sft(cfg, echo=lambda s: None)
+        sft.run_sft(cfg.sft, RunLayout.of(cfg), echo=lambda s: None)
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n"
                    + json.dumps({"messages": [{"role": "user", "content": "no reply"}]}) + "\n")
     with pytest.raises(TrainError, match=f"{bad}:2"):
-        sft.run_sft(make_cfg(tmp_path, tiny_model, data=bad), echo=lambda s: None)
+        run_cfg = make_cfg(tmp_path, tiny_model, data=bad)
+        sft.run_sft(run_cfg.sft, RunLayout.of(run_cfg), echo=lambda s: None)

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from factory.llm.base import Backend, BackendError, Completion, GenParams, Messages
 
-if TYPE_CHECKING:  # config imports base.py from this package; a runtime import would loop
-    from factory.config import BackendConfig
+if TYPE_CHECKING:
+    from factory.llm.settings import BackendConfig
 
 __all__ = ["Backend", "BackendError", "Completion", "GenParams", "Messages", "load_backend"]
 

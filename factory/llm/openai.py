@@ -21,101 +21,27 @@ error messages (redacted even if a server echoes it back).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import queue
-import random
 import threading
 from typing import Any, Callable, Sequence, TypeVar
 
 import httpx
 
 from factory.llm.base import (BackendError, BatchIncomplete, Completion, GenParams, Messages, RequestFailed,
-                               check_options, cut_at_stop, normalise, sample_seed)
+                               check_options, cut_at_stop, sample_seed)
+from factory.llm.http_retry import (FATAL_REFUSALS, ITEM_REFUSALS, backoff_delay, describe, is_retryable_status,
+                                    parse_reply)
+from factory.llm.top_logprobs import NO_LOGPROBS_HINT, TOP_LOGPROBS, score_options
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-MAX_RETRY_AFTER_S = 120.0
-"""a server's Retry-After is obeyed up to this; a bogus huge value must not stall a run for hours."""
-ITEM_REFUSALS = (400, 413)
-"""refusals that concern one request (malformed, too long), not the server, key or model: that item fails alone"""
-FATAL_REFUSALS = (401, 403, 404)
-"""refusals no request of the batch can get past (a wrong key, URL or model): the batch stops at once"""
-TOP_LOGPROBS = 20  # the most the OpenAI API allows; vLLM accepts it too
-NO_LOGPROBS_HINT = (
-    "this server does not return logprobs / top_logprobs; the judge and classifier need them "
-    "— use a server that does, e.g. vLLM serve, or the hf backend"
-)
-
-
-def is_retryable_status(status: int) -> bool:
-    """429 (rate limit) and 5xx (overload, restart, crash) may pass; other 4xx will not change on retry."""
-    return status == 429 or 500 <= status <= 599
-
-
-def backoff_delay(attempt: int, base_s: float, cap_s: float, retry_after: str | None = None) -> float:
-    """Seconds to wait before retry number ``attempt + 1``.
-
-    The server's ``Retry-After`` (in seconds) wins when given. Otherwise "full jitter"
-    (uniform in ``[0, min(cap, base * 2**attempt)]``), so that many clients that failed
-    together do not come back together.
-    """
-    if retry_after is not None:
-        try:
-            seconds = float(retry_after)
-        except ValueError:  # an HTTP-date: rare enough to fall back to our own schedule
-            seconds = math.nan
-        if math.isfinite(seconds) and seconds >= 0:
-            return min(seconds, MAX_RETRY_AFTER_S)
-    return random.uniform(0.0, min(cap_s, base_s * 2**attempt))
-
 
 class _Stopped(Exception):
     """Raised inside a request whose batch has stopped (see ``_map``); never reaches a caller."""
-
-
-def score_options(top_logprobs: Sequence[dict[str, Any]], options: Sequence[str]) -> dict[str, float]:
-    """Normalised log-probabilities of ``options`` from the first generated position's top tokens.
-
-    Over HTTP we see only the top-20 first tokens, not the probability of a whole option,
-    so this is an approximation, exact when every option is a single token that appears
-    in the top list:
-
-    - a top token ``t`` counts towards option ``o`` when ``t.strip()`` is non-empty and
-      ``o`` starts with it (``" A"`` and ``"A"`` both count for ``"A"``; ``"Ye"`` for ``"Yes"``);
-    - a token that could start two options cannot be assigned, so it is an error: the
-      options must differ in their first token;
-    - an option no top token matches gets an even share of the probability mass left
-      outside the top list (at least 1e-12): it is somewhere in the tail, we do not know where.
-    """
-    prob = dict.fromkeys(options, 0.0)
-    seen = 0.0
-    for entry in top_logprobs:
-        try:
-            token, p = str(entry["token"]), math.exp(float(entry["logprob"]))
-        except (KeyError, TypeError, ValueError):
-            expected = "{'token': str, 'logprob': float}"
-            raise BackendError(f"malformed top_logprobs entry {entry!r}: expected {expected}") from None
-        seen += p
-        stem = token.strip()
-        if not stem:
-            continue
-        hits = [o for o in options if o.startswith(stem)]
-        if len(hits) > 1:
-            raise BackendError(
-                f"the token {token!r} starts options {hits}: over HTTP only the first token is scored, "
-                "so the options must differ in their first token (e.g. 'A'/'B', 'Yes'/'No')"
-            )
-        if hits:
-            prob[hits[0]] += p
-    unmatched = [o for o, p in prob.items() if p == 0.0]
-    if unmatched:
-        share = max((1.0 - seen) / len(unmatched), 1e-12)
-        prob.update(dict.fromkeys(unmatched, share))
-    return normalise({o: math.log(p) for o, p in prob.items()})
 
 
 class OpenAIBackend:
@@ -283,11 +209,11 @@ class OpenAIBackend:
             else:
                 body = self._redact(resp.text)  # before any excerpt: a cut inside the key would keep its start
                 if resp.is_success:
-                    reply, failure = _parse_reply(resp, body)
+                    reply, failure = parse_reply(resp, body)
                     if reply is not None:
                         return reply
                 elif is_retryable_status(resp.status_code):
-                    failure, retry_after = _describe(resp, body), resp.headers.get("retry-after")
+                    failure, retry_after = describe(resp, body), resp.headers.get("retry-after")
                 elif resp.status_code in ITEM_REFUSALS:
                     raise RequestFailed(self._redact(self._refusal(resp, body)))
                 else:
@@ -317,7 +243,7 @@ class OpenAIBackend:
             "knows continue_final_message, such as vLLM serve",
         }.get(resp.status_code, "check the request settings and the model name")
         stopped = "; no request can get past this, so the batch stopped" if resp.status_code in FATAL_REFUSALS else ""
-        return (f"{self.url} (model {self.model!r}) refused the request, not retried: {_describe(resp, body)}; "
+        return (f"{self.url} (model {self.model!r}) refused the request, not retried: {describe(resp, body)}; "
                 f"{hint}{stopped}")
 
     def _redact(self, text: str) -> str:
@@ -401,25 +327,3 @@ class OpenAIBackend:
         if reasons:
             raise BatchIncomplete(results, dict(sorted(reasons.items())))
         return results  # type: ignore[return-value]
-
-
-def _parse_reply(resp: httpx.Response, body: str) -> tuple[dict[str, Any] | None, str]:
-    """The JSON reply, or None and why it is unusable (a torn or odd body is worth a retry)."""
-    try:
-        reply = resp.json()
-    except ValueError as e:
-        return None, f"HTTP {resp.status_code} with a body that is not JSON ({e}): {_excerpt(body)}"
-    if not isinstance(reply, dict) or not isinstance(reply.get("choices"), list) or not reply["choices"]:
-        return None, f"HTTP {resp.status_code} with no choices in the reply: {_excerpt(body)}"
-    if not all(isinstance(c, dict) for c in reply["choices"]):
-        return None, f"HTTP {resp.status_code} with malformed choices: {_excerpt(body)}"
-    return reply, ""
-
-
-def _describe(resp: httpx.Response, body: str) -> str:
-    return f"HTTP {resp.status_code}: {_excerpt(body)}"
-
-
-def _excerpt(text: str, limit: int = 300) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[:limit] + "…"

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from factory.llm.base import BackendError, Completion, GenParams, Messages, check_options
 
-if TYPE_CHECKING:  # config imports base.py from this package; a runtime import would loop
-    from factory.config import BackendConfig
+if TYPE_CHECKING:
+    from factory.llm.settings import BackendConfig
 
 INSTALL_HINT = "pip install 'factory[ray]'"
 # Requests and replies are a few kB each; Ray's default store (30% of RAM) would only take memory from the model.

@@ -1,6 +1,6 @@
 """PPO against a reward model (RLHF), in one file, after cleanrl and summarize_from_feedback_details.
 
-The config is ``PPOConfig`` (``cfg.ppo``, factory/train/settings.py), every field described there.
+The config is ``PPOConfig`` (``[ppo]`` in a run config, factory/train/settings.py), every field described there.
 The loop follows Huang et al. 2024, "The N+ implementation details of RLHF with PPO" (its
 reference code is summarize_from_feedback_details; TRL's PPOTrainer is a port of it), and is
 commented in the same numbered steps: 1 generate, 2 truncate at EOS, 3 score, 4 KL-penalised
@@ -21,7 +21,7 @@ and ``mini_batch_size`` stay global (multiples of N). Each process samples its s
 rollouts from a random stream of its own; whitening statistics, the KL controller's KL and the
 logged means are taken over all the rollouts, and every loss is a token mean over the whole
 mini-batch (each process's token sums over the mini-batch's token count), so the summed gradients
-are those of one process holding every rollout (``common.Dist``). Rank 0 evaluates its share of
+are those of one process holding every rollout (``distributed.Dist``). Rank 0 evaluates its share of
 the held-out prompts like the others and writes every file.
 """
 
@@ -29,47 +29,45 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
-from factory.config import RunConfig
-from factory.layout import RunLayout
+from factory.layout import RunLayout, TrainerFolder
+from factory.stage import Context, Need, Stage
 from factory.train import TrainError
-from factory.train.common import (
-    SOLO,
-    Dist,
-    Metrics,
+from factory.train.chat import chat_ids, length_mask, pad_right, prompt_ids, read_messages
+from factory.train.checkpoints import load_checkpoint, save_checkpoint, saved_state
+from factory.train.distributed import SOLO, Dist, processes
+from factory.train.finish import finished, save_final
+from factory.train.metrics import Metrics, keep_steps
+from factory.train.models import (
     ScalarModel,
     add_lora,
+    end_ids,
+    is_model,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
+from factory.train.optim import make_optimizer, seed_all
+from factory.train.precision import (
     autocast,
-    chat_ids,
     checkpoint_activations,
     compute_dtype,
-    end_ids,
     float32_logits,
-    length_mask,
-    load_causal_lm,
-    load_checkpoint,
-    load_tokenizer,
-    make_optimizer,
-    pad_right,
-    processes,
-    prompt_ids,
-    read_messages,
     releases_memory,
-    resolve_model,
-    save_checkpoint,
-    seed_all,
 )
 from factory.train.settings import PPOConfig
 
-CONFIG = PPOConfig  # cfg.ppo: the settings of this trainer, each field documented there
+if TYPE_CHECKING:
+    from factory.config import RunConfig
+
+CONFIG = PPOConfig  # [ppo]: the settings of this trainer, each field documented there
 
 # -- pure pieces (unit-tested on hand-computed values) -------------------------------------------
 
@@ -97,7 +95,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 def truncate_after_eos(responses: torch.Tensor, eos_ids: torch.Tensor, pad_id: int):
     """(responses with every token after the first end-of-turn token replaced by pad, lengths incl.
     that token, whether each row has one). ``eos_ids``: every id that ends a turn (EOS, and Gemma's
-    ``<end_of_turn>`` or ChatML's ``<|im_end|>`` where they differ; ``common.end_ids``). A row
+    ``<end_of_turn>`` or ChatML's ``<|im_end|>`` where they differ; ``models.end_ids``). A row
     without one keeps its full length."""
     width = responses.shape[1]
     is_eos = torch.isin(responses, eos_ids)
@@ -270,13 +268,12 @@ def ptx_loss(policy, tok, batch: list[tuple[list[int], list[int]]], device, toke
 # -- the run ------------------------------------------------------------------------------------
 
 
-def _prompts(cfg: RunConfig, tok) -> list[tuple[str, list[int]]]:
-    from factory.critique import load_prompts
+def _prompts(pc: PPOConfig, layout: RunLayout, tok) -> list[tuple[str, list[int]]]:
+    from factory.inputs import load_prompts
     from factory.store import StoreError
 
-    pc = cfg.ppo
     try:
-        pairs = load_prompts(pc.prompts, None, cfg.run_dir)
+        pairs = load_prompts(pc.prompts, None, tasks=layout.tasks)
     except (FileNotFoundError, StoreError) as e:
         raise TrainError(str(e)) from None
     if len(pairs) <= pc.eval_prompts:
@@ -286,9 +283,8 @@ def _prompts(cfg: RunConfig, tok) -> list[tuple[str, list[int]]]:
     return [(text, prompt_ids(tok, [{"role": "user", "content": text}])[-pc.max_prompt_length:]) for _, text in pairs]
 
 
-def _ptx_data(cfg: RunConfig, tok) -> list[tuple[list[int], list[int]]]:
-    pc = cfg.ppo
-    path = pc.sft_data or cfg.run_dir / "sft.jsonl"
+def _ptx_data(pc: PPOConfig, layout: RunLayout, tok) -> list[tuple[list[int], list[int]]]:
+    path = pc.sft_data or layout.sft_data
     if not path.is_file():
         raise TrainError(f"ppo.ptx_coef > 0 needs SFT data: no {path} (run critique, or set ppo.sft_data)")
     cap = pc.max_prompt_length + pc.response_length
@@ -302,38 +298,16 @@ def _ptx_data(cfg: RunConfig, tok) -> list[tuple[list[int], list[int]]]:
     return rows
 
 
-def _policy_path(cfg: RunConfig) -> tuple[str, str]:
-    if cfg.ppo.policy == "auto":
-        sft = RunLayout.of(cfg).sft_model
-        return resolve_model(str(sft) if (sft / "config.json").is_file() else "embedded")
-    return resolve_model(cfg.ppo.policy)
+def _policy_path(pc: PPOConfig, layout: RunLayout) -> tuple[str, str]:
+    if pc.policy == "auto":
+        sft = layout.sft_model
+        return resolve_model(str(sft) if is_model(sft) else "embedded")
+    return resolve_model(pc.policy)
 
 
-def _finished(out: Path, steps: int) -> bool:
-    state = out / "checkpoint" / "state.json"
-    return (out / "model" / "config.json").is_file() and state.is_file() and \
-        json.loads(state.read_text())["step"] >= steps
-
-
-def _keep_rows(path: Path, upto: int | None) -> None:
-    """samples.jsonl on resume: rows of steps after the checkpoint are dropped (they come again)."""
-    if not path.is_file():
-        return
-    keep = []
-    if upto is not None:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= upto:
-                    keep.append(line + "\n")
-            except (json.JSONDecodeError, KeyError):
-                continue
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _summary(out: Path) -> dict:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+def _summary(folder: TrainerFolder) -> dict:
+    """What PPO reports, from its metrics: steps, eval scores at the start and end, last KL."""
+    rows = [json.loads(line) for line in folder.metrics.read_text(encoding="utf-8").splitlines() if line]
     evals = [r for r in rows if "eval/score" in r]
     steps = [r for r in rows if "objective/kl" in r]
     return {
@@ -342,36 +316,43 @@ def _summary(out: Path) -> dict:
         "eval_score_end": evals[-1]["eval/score"] if evals else None,
         "kl_final": steps[-1]["objective/kl"] if steps else None,
         "seconds_per_step": round(sum(r["time/step_s"] for r in steps) / len(steps), 3) if steps else None,
-        "model": str(out / "model"),
+        "model": str(folder.model),
     }
 
 
 @releases_memory
-def run_ppo(cfg: RunConfig, echo=print) -> dict:
+def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
+            echo: Callable[[str], None] = print) -> dict:
+    """Optimise a policy against a reward model (default: the run's SFT model and reward model) into
+    ``layout.policy``; returns the summary (also in ``layout.policy.summary``). A run that finished
+    its ``steps`` returns its summary at once; more steps than it ran continue it from its checkpoint."""
     from tqdm import tqdm
 
-    pc = cfg.ppo
+    pc = settings
     dist, device = processes(pc.device)
     echo = dist.main_only(echo)
     if pc.batch_size % dist.world or pc.mini_batch_size % dist.world:
         raise TrainError(f"ppo.batch_size ({pc.batch_size}) and ppo.mini_batch_size ({pc.mini_batch_size}) must be "
                          f"multiples of the number of processes ({dist.world}): each process takes an equal share")
-    out = cfg.run_dir / pc.output
-    if _finished(out, pc.steps):
-        echo(f"ppo: {out} already holds a finished run of {pc.steps} steps; nothing to do")
-        return _summary(out)
-    rm_path = Path(pc.reward_model) if pc.reward_model else RunLayout.of(cfg).rm_model
-    if not (rm_path / "config.json").is_file():
+    folder = layout.policy
+    saved = saved_state(folder.checkpoint)
+    # (a run finished before trainers wrote summary.json: its summary comes from its metrics)
+    done = finished(folder, legacy=lambda: _summary(folder)) if saved and saved["step"] >= pc.steps else None
+    if done is not None:
+        echo(f"ppo: {folder.root} already holds a finished run of {pc.steps} steps; nothing to do")
+        return done
+    rm_path = Path(pc.reward_model) if pc.reward_model else layout.rm_model
+    if not is_model(rm_path):
         raise TrainError(f"no reward model at {rm_path}: run `factory train rm` first (or set ppo.reward_model)")
     seed_all(pc.seed)
 
-    # -- models: policy, reference, reward, value (dropout off in all: common.no_dropout) --
-    policy_path, policy_id = _policy_path(cfg)
+    # -- models: policy, reference, reward, value (dropout off in all: models.no_dropout) --
+    policy_path, policy_id = _policy_path(pc, layout)
     tok = load_tokenizer(policy_path)
     if (rm_path / "tokenizer.json").is_file() and load_tokenizer(str(rm_path)).get_vocab() != tok.get_vocab():
         raise TrainError(f"the reward model {rm_path} and the policy {policy_path} use different tokenizers")
-    policy = load_causal_lm(policy_path, device, tok, allow_pickle=cfg.allow_pickle).eval()
-    rm = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=cfg.allow_pickle).eval()
+    policy = load_causal_lm(policy_path, device, tok, allow_pickle=allow_pickle).eval()
+    rm = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=allow_pickle).eval()
     rm.requires_grad_(False)
     if pc.lora.r:
         # One frozen base per backbone: the policy's adapters off = the reference; the value
@@ -382,7 +363,7 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         ref, as_ref, as_rm = policy, policy.disable_adapter, value.backbone.disable_adapter
     else:
         ref = copy.deepcopy(policy).requires_grad_(False)
-        value = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=cfg.allow_pickle).eval()  # the value model starts as the RM
+        value = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=allow_pickle).eval()  # the value model starts as the RM
         as_ref = as_rm = nullcontext
     if pc.gradient_checkpointing:
         # What gets gradients: the policy and the value model's backbone (with LoRA, the shared bases
@@ -390,8 +371,8 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         checkpoint_activations(policy)
         checkpoint_activations(value.backbone)
     # Weights in float32; forward passes in bf16 on CUDA; heads, log-probs and losses in float32
-    # (`dtype`, common.autocast). The policy's and reference's LM heads run in float32 under bf16:
-    # the ratio and the KL are differences of their log-probs (common.float32_logits).
+    # (`dtype`, precision.autocast). The policy's and reference's LM heads run in float32 under bf16:
+    # the ratio and the KL are differences of their log-probs (precision.float32_logits).
     amp = autocast(pc.dtype, device)
     if compute_dtype(pc.dtype, device) != torch.float32:
         for lm in {id(policy): policy, id(ref): ref}.values():
@@ -403,23 +384,23 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
     stateful = {"optimizer": opt, "scheduler": sched, "kl": kl_ctl}
 
     # -- data: prompts (a seeded held-out set for evals), SFT batches for PPO-ptx --
-    prompts = _prompts(cfg, tok)
+    prompts = _prompts(pc, layout, tok)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(pc.seed)).tolist()
     held = [prompts[i] for i in order[: pc.eval_prompts]]
     train = [prompts[i] for i in order[pc.eval_prompts:]]
-    sft = _ptx_data(cfg, tok) if pc.ptx_coef > 0 else []
+    sft = _ptx_data(pc, layout, tok) if pc.ptx_coef > 0 else []
 
     # Every process starts from the same weights (LoRA's random A matrices included), then samples
     # from a stream of its own: the same stream would draw the same tokens wherever two processes'
     # prompts coincide. Rank 0 keeps the stream one process uses; a checkpoint restores each's.
     if dist.rank:
         seed_all(pc.seed + dist.rank)
-    state = load_checkpoint(out / "checkpoint", modules, stateful, dist, allow_pickle=cfg.allow_pickle)
+    state = load_checkpoint(folder.checkpoint, modules, stateful, dist, allow_pickle=allow_pickle)
     dist.broadcast(modules)
     start = state["step"] if state else 0
-    metrics = Metrics(out / "metrics.jsonl", start if state else None, write=dist.is_main)
-    if dist.is_main:
-        _keep_rows(out / "samples.jsonl", start if state else None)
+    metrics = Metrics(folder.metrics, start if state else None, write=dist.is_main)
+    if dist.is_main and folder.samples.is_file():
+        keep_steps(folder.samples, start if state else None)
     echo(f"ppo: policy {policy_id}, reward model {rm_path}, {len(train)} train / {len(held)} eval prompts"
          + (f"; resuming after step {start}" if state else ""))
 
@@ -457,7 +438,7 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         if not dist.is_main:
             return {}
         results = [r for share in shares for r in share]  # rank order: the held-out prompts' order
-        with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+        with open(folder.samples, "a", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
         if not results:
             return {}
@@ -630,21 +611,44 @@ def run_ppo(cfg: RunConfig, echo=print) -> dict:
         metrics.log(step, **row)
         bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{row['objective/scores']:.3f}")
         if step % pc.checkpoint_every == 0 or step == pc.steps:
-            save_checkpoint(out / "checkpoint", modules, stateful, {"step": step}, dist)
+            save_checkpoint(folder.checkpoint, modules, stateful, {"step": step}, dist)
     bar.close()
 
-    # The final policy as a causal LM folder (adapters merged), loadable as `hf:<out>/model`.
-    if dist.is_main:  # the others wait below, then read the summary rank 0's metrics give
-        final = policy.merge_and_unload() if pc.lora.r else policy
-        tmp = out / "model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        final.save_pretrained(tmp, safe_serialization=True)
+    # The final policy as a causal LM folder (adapters merged), loadable as `hf:<folder>/model`. Its
+    # summary comes from rank 0's metrics; the other processes read it once the model is whole.
+    summary = _summary(folder) if dist.is_main else {}
+
+    def write_model(tmp: Path) -> None:
+        (policy.merge_and_unload() if pc.lora.r else policy).save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        shutil.rmtree(out / "model", ignore_errors=True)
-        os.replace(tmp, out / "model")
-    dist.barrier()
-    summary = _summary(out)
+
+    save_final(folder, summary, write_model, dist)
+    summary = summary or _summary(folder)
     echo(f"ppo: {summary['steps']} steps, eval score {summary['eval_score_start']} -> {summary['eval_score_end']}, "
-         f"KL {summary['kl_final']}; policy saved to {out / 'model'}")
+         f"KL {summary['kl_final']}; policy saved to {folder.model}")
     return summary
 
+
+class PPO(Stage):
+    name = section = "ppo"
+    trains = True
+
+    def user_files(self, cfg: RunConfig) -> list[Path]:
+        return [Path(f) for f in (cfg.ppo.prompts, cfg.ppo.sft_data) if f is not None]
+
+    def needs(self, cfg: RunConfig, layout: RunLayout) -> list[Need]:
+        pc = cfg.ppo
+        needs = [Need(Path(pc.reward_model) if pc.reward_model else layout.rm_model, "no reward model for PPO",
+                      "add the rm stage, run `factory train rm`, or set ppo.reward_model")]
+        if pc.prompts is None:
+            needs.append(Need(layout.tasks, "no prompts for PPO", "run instances first, or set ppo.prompts"))
+        return needs
+
+    def writes(self, cfg: RunConfig, layout: RunLayout) -> list[Path]:
+        return [layout.policy_model]
+
+    def run(self, ctx: Context) -> dict:
+        return run_ppo(ctx.cfg.ppo, ctx.layout, ctx.cfg.allow_pickle, ctx.echo)
+
+
+STAGE = PPO()

@@ -31,7 +31,7 @@ mean score of 0").
 Several processes (``accelerate launch --multi_gpu --num_processes N``, or torchrun): ``batch_size``
 stays the pairs of one optimiser step; each process takes a share of the batch, and its loss is its
 pairs' summed loss over the whole batch's pair count, so the summed gradients are those of the batch
-mean (``common.Dist``). Held-out evaluation and the normalisation are split between them too.
+mean (``distributed.Dist``). Held-out evaluation and the normalisation are split between them too.
 
 Output under ``<run>/<rm.output>/``: ``checkpoint/`` (every ``checkpoint_every`` steps and each epoch
 end; the run resumes from it exactly), ``metrics.jsonl``, ``eval.json`` and ``model/`` (a ScalarModel
@@ -42,53 +42,38 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, Collection, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from factory.config import RunConfig
+from factory.layout import RunLayout
 from factory.records import Preference, file_sha256, work_key
+from factory.stage import Context, Need, Stage
 from factory.train import TrainError
-from factory.train.common import (
-    SCALAR_META,
-    SOLO,
-    Dist,
-    Metrics,
-    ScalarModel,
-    add_lora,
-    autocast,
-    checkpoint_activations,
-    end_ids,
-    length_mask,
-    load_checkpoint,
-    load_tokenizer,
-    make_optimizer,
-    pad_right,
-    processes,
-    read_messages,
-    releases_memory,
-    resolve_model,
-    save_checkpoint,
-    seed_all,
-)
+from factory.train.chat import read_messages
+from factory.train.checkpoints import load_checkpoint, save_checkpoint, saved_state
+from factory.train.distributed import SOLO, Dist, processes
+from factory.train.finish import finished, save_final
+from factory.train.metrics import Metrics
+from factory.train.models import SCALAR_META, ScalarModel, add_lora, end_ids, load_tokenizer, resolve_model
+from factory.train.optim import make_optimizer, seed_all
+from factory.train.precision import autocast, checkpoint_activations, releases_memory
+from factory.train.scoring import Seq, cut, reply_ids, score, seq_scores
 from factory.train.settings import RewardConfig
+
+if TYPE_CHECKING:
+    from factory.config import RunConfig
 
 MEGABATCH = 50
 """Batches per length-sorted window: transformers' length-grouped sampler uses the same 50."""
-
-Seq = tuple[tuple[int, ...], tuple[int, ...]]
-"""What the reward model reads for one reply: (prompt ids kept, reply ids kept)."""
-
 
 class Pair(NamedTuple):
     chosen: Seq
@@ -131,49 +116,6 @@ def read_pairs(path: Path) -> list[Preference]:
             raise TrainError(f"{path}:{number}: p_chosen is {rec.p_chosen}; expected a probability in [0, 1]")
         out.setdefault(rec.key, rec)
     return list(out.values())
-
-
-def reply_ids(tok, messages: list[dict[str, str]], reply: str, ends: Collection[int] | None = None,
-              ) -> tuple[list[int], list[int]]:
-    """(prompt ids up to the assistant's reply, the reply's ids through its end-of-turn token).
-
-    The reply is what the chat template adds after the generation prompt, tokenised on its own,
-    so the prompt's ids are the same for every reply and can be shared. Whatever the template puts
-    after the end-of-turn token (SmolLM2's newline, Gemma's) is dropped: PPO scores its samples at
-    the end-of-turn token it generates, so the reward model must learn to read exactly there.
-    ``ends``: the ids that end a turn (``common.end_ids``; derived from ``tok`` when not given).
-    """
-    ends = set(end_ids(tok) if ends is None else ends)
-    before = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = tok.apply_chat_template([*messages, {"role": "assistant", "content": reply}], tokenize=False)
-    if not full.startswith(before):
-        raise TrainError("the chat template does not render the reply after the generation prompt; "
-                         "cannot tell the prompt's tokens from the reply's")
-    prompt = tok(before, add_special_tokens=False)["input_ids"]
-    ids = tok(full[len(before):], add_special_tokens=False)["input_ids"]
-    last = next((j for j in range(len(ids) - 1, -1, -1) if ids[j] in ends), None)
-    if last is not None:
-        ids = ids[: last + 1]
-    return prompt, ids
-
-
-def cut(prompt: list[int], reply: list[int], max_length: int, ends: Collection[int] = ()) -> Seq:
-    """Prompt + reply cut to ``max_length`` tokens.
-
-    The prompt keeps its end (the question sits there; a long system prompt or early turns go
-    first) and the reply its start; the reply keeps at least half the budget, more if the prompt
-    leaves more. A reply that ends with an end-of-turn token (one of ``ends``) keeps it as its last
-    token, as a PPO rollout that finished keeps its own: the score is read there, in training, in
-    rerank and in PPO alike. Rerank scores through ``score``, which cuts the same way, so it
-    scores what training saw.
-    """
-    if len(prompt) + len(reply) <= max_length:
-        return tuple(prompt), tuple(reply)
-    keep_reply = min(len(reply), max(max_length // 2, max_length - len(prompt)))
-    keep_prompt = max_length - keep_reply
-    if reply and reply[-1] in ends and 0 < keep_reply < len(reply):
-        return tuple(prompt[len(prompt) - keep_prompt:]), (*reply[: keep_reply - 1], reply[-1])
-    return tuple(prompt[len(prompt) - keep_prompt:]), tuple(reply[:keep_reply])
 
 
 def make_pairs(tok, prefs: list[Preference], max_length: int, soft_labels: bool) -> tuple[list[Pair], int]:
@@ -243,86 +185,6 @@ def epoch_batches(pairs: list[Pair], batch_size: int, share_prompt: bool, seed: 
     return batches
 
 
-# -- scoring --------------------------------------------------------------------------------------
-
-
-class Packed(NamedTuple):
-    ids: torch.Tensor        # (rows, width) token ids, right-padded
-    mask: torch.Tensor       # (rows, 1, width, width) additive attention mask: 0 or the dtype's min
-    positions: torch.Tensor  # (rows, width) position ids: each reply continues from the end of its prompt
-    row: list[int]           # for each Seq asked for: the row of its last token
-    col: list[int]           # ... and its column
-
-
-def pack(seqs: list[Seq], pad_id: int, limit: int) -> Packed:
-    """Rows that hold each prompt once and then its distinct replies, up to ``limit`` tokens a row.
-
-    Token t of reply j attends to the whole prompt before it and to reply j's tokens up to t,
-    never to another reply; its position id is what it would be right after the prompt. For
-    RoPE models (Llama, SmolLM2) attention depends on positions only through these ids, so each
-    reply's hidden states are those of a row of its own. Padding attends to the prompt, so no
-    attention row is empty (an all-masked softmax row is NaN).
-    """
-    rows: list[list[tuple[int, ...]]] = []  # a row: [prompt, reply, reply, ...]
-    used: list[int] = []
-    open_row: dict[tuple[int, ...], int] = {}
-    where: dict[Seq, tuple[int, int]] = {}
-    for prompt, reply in seqs:
-        if (prompt, reply) in where:
-            continue
-        r = open_row.get(prompt)
-        if r is None or used[r] + len(reply) > limit:
-            r = open_row[prompt] = len(rows)
-            rows.append([prompt])
-            used.append(len(prompt))
-        rows[r].append(reply)
-        used[r] += len(reply)
-        where[(prompt, reply)] = (r, used[r] - 1)
-    width = max(used)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1 pad, 0 prompt, j reply j
-    for r, (prompt, *replies) in enumerate(rows):
-        at = 0
-        for j, part in enumerate([prompt, *replies]):
-            n = len(part)
-            ids[r, at: at + n] = torch.tensor(part, dtype=torch.long)
-            start = 0 if j == 0 else len(prompt)
-            positions[r, at: at + n] = torch.arange(start, start + n)
-            segment[r, at: at + n] = j
-            at += n
-    q, k = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
-    mask = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill_(~allowed, torch.finfo(torch.float32).min)
-    rc = [where[s] for s in seqs]
-    return Packed(ids, mask[:, None], positions, [r for r, _ in rc], [c for _, c in rc])
-
-
-def seq_scores(model: ScalarModel, seqs: list[Seq], pad_id: int, device: torch.device, share_prompt: bool,
-               limit: int, amp=nullcontext) -> torch.Tensor:
-    """Raw scores (no normalising bias) of each prompt + reply, at the reply's last token.
-    ``amp``: the backbone's precision context (``common.autocast``); the head runs in float32."""
-    if share_prompt:
-        packed = pack(seqs, pad_id, limit)
-        with amp():
-            mask = packed.mask.to(device, model.head.weight.dtype)  # an additive mask must match the activations
-            if torch.is_autocast_enabled(device.type):
-                # ... which autocast computes in its dtype, where float32's min would round to -inf.
-                low = torch.get_autocast_dtype(device.type)
-                mask = torch.zeros_like(mask, dtype=low).masked_fill_(mask < 0, torch.finfo(low).min)
-            hidden = model.backbone(input_ids=packed.ids.to(device), attention_mask=mask,
-                                    position_ids=packed.positions.to(device), use_cache=False).last_hidden_state
-        # The head only where a score is read: the one position per reply.
-        return model.head_scores(hidden[packed.row, packed.col]).squeeze(-1)
-    # The plain path: a row per prompt + reply, as TRL's RewardTrainer does.
-    rows = [list(p) + list(r) for p, r in seqs]
-    mask = length_mask(rows).to(device)
-    with amp():
-        scores = model.token_scores(pad_right(rows, pad_id).to(device), mask)
-    return scores[torch.arange(len(rows), device=device), mask.sum(dim=1) - 1]
-
-
 def bt_loss(d: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry cross entropy against soft labels, mean over the batch.
 
@@ -367,60 +229,30 @@ def evaluate(model: ScalarModel, pairs: list[Pair], batch_size: int, pad_id: int
     return dict(zip(("accuracy", "margin", "loss"), (v / count for v in sums)))
 
 
-@torch.no_grad()
-def score(model: ScalarModel, tok, conversations: list[list[dict[str, str]]], batch_size: int, max_length: int,
-          device: torch.device) -> list[float]:
-    """Normalised rewards (raw score minus the model's bias) of prompt + reply conversations.
-
-    Each conversation ends with the assistant reply to score; it is tokenised and cut as in
-    training. Replies to the same prompt are batched together and share the prompt's computation
-    (``pack``), so rerank's n samples per prompt cost about one prompt plus n replies.
-    """
-    seqs = []
-    ends = set(end_ids(tok))
-    for i, msgs in enumerate(conversations):
-        if not msgs or msgs[-1].get("role") != "assistant":
-            raise TrainError(f"conversation {i} does not end with an assistant reply to score")
-        prompt, ids = reply_ids(tok, msgs[:-1], msgs[-1]["content"], ends)
-        seqs.append(cut(prompt, ids, max_length, ends))
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i][0]), seqs[i][0], len(seqs[i][1])))
-    out = [0.0] * len(seqs)
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start: start + batch_size]
-        raw = seq_scores(model, [seqs[i] for i in idx], tok.pad_token_id, device, True, 2 * max_length)
-        for i, v in zip(idx, raw.tolist()):
-            out[i] = v - model.bias
-    model.train(was_training)
-    return out
-
-
 # -- the trainer ----------------------------------------------------------------------------------
 
 
-def saved_state(ckpt: Path) -> dict | None:
-    """The counters of the checkpoint ``load_checkpoint`` would read (it falls back to ``.old``
-    after a kill between its two renames), read before any model is loaded."""
-    for folder in (ckpt, ckpt.with_name(ckpt.name + ".old")):
-        if (folder / "state.json").is_file():
-            return json.loads((folder / "state.json").read_text())
-    return None
-
-
 @releases_memory
-def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
-    rc: RewardConfig = cfg.rm
+def run_reward(settings: RewardConfig, layout: RunLayout, allow_pickle: bool = False,
+               echo: Callable[[str], None] = print) -> dict:
+    """Train a reward model on ``settings.pairs`` (default: the run's preference pairs) into
+    ``layout.rm``; returns the summary (also in ``layout.rm.summary``). A finished run returns its
+    summary at once."""
+    rc = settings
     dist, device = processes(rc.device)
     echo = dist.main_only(echo)
-    out = cfg.run_dir / rc.output
-    final, ckpt, eval_file = out / "model", out / "checkpoint", out / "eval.json"
-    if (final / SCALAR_META).is_file():
-        echo(f"rm: already finished; the model is in {final} (remove {out} to train again)")
-        done = json.loads(eval_file.read_text())["summary"] if eval_file.is_file() else {"model": str(final)}
+    folder = layout.rm
+    final, ckpt, eval_file = folder.model, folder.checkpoint, folder.evaluation
+
+    def legacy() -> dict:  # a run finished before trainers wrote summary.json: its summary is in eval.json
+        return json.loads(eval_file.read_text())["summary"] if eval_file.is_file() else {"model": str(final)}
+
+    done = finished(folder, SCALAR_META, legacy)
+    if done is not None:
+        echo(f"rm: already finished; the model is in {final} (remove {folder.root} to train again)")
         return {**done, "already_finished": True}
 
-    pairs_path = Path(rc.pairs) if rc.pairs is not None else cfg.run_dir / "preferences.jsonl"
+    pairs_path = Path(rc.pairs) if rc.pairs is not None else layout.preferences
     if not pairs_path.is_file():
         raise TrainError(f"{pairs_path}: no preference pairs; run the judge stage first, or set rm.pairs "
                          "(a JSONL of factory's preference records)")
@@ -448,15 +280,15 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     saved = saved_state(ckpt)
     if saved is not None and saved["fingerprint"] != fingerprint:
         raise TrainError(f"{ckpt}: this checkpoint was made from other pairs or settings; "
-                         f"remove {out} to start again, or restore what it was made with")
+                         f"remove {folder.root} to start again, or restore what it was made with")
     trained_out = saved is not None and saved["epoch"] >= rc.epochs
 
     # 3. Model: backbone + fresh scalar head (seeded), LoRA on the backbone if asked (the head
     # is outside the adapters' wrapper, so it stays trainable); optimiser and schedule; resume.
-    # Weights in float32; forward passes in bf16 on CUDA, the head in float32 (`dtype`, common.autocast).
+    # Weights in float32; forward passes in bf16 on CUDA, the head in float32 (`dtype`, precision.autocast).
     seed_all(rc.seed)
     amp = autocast(rc.dtype, device)
-    model = ScalarModel.from_pretrained(path, device, tok, allow_pickle=cfg.allow_pickle)
+    model = ScalarModel.from_pretrained(path, device, tok, allow_pickle=allow_pickle)
     if rc.gradient_checkpointing:
         checkpoint_activations(model.backbone)
     model.backbone = add_lora(model.backbone, rc.lora)
@@ -464,7 +296,7 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, rc, total_steps)
     state = load_checkpoint(ckpt, {"model": model}, {} if trained_out else {"optimizer": opt, "scheduler": sched},
-                            dist, allow_pickle=cfg.allow_pickle)
+                            dist, allow_pickle=allow_pickle)
     dist.broadcast({"model": model})
     if state is None:
         state = {"fingerprint": fingerprint, "step": 0, "epoch": 0, "position": 0, "evals": []}
@@ -473,7 +305,7 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     else:
         echo(f"rm: resuming from {ckpt} at step {state['step']} (epoch {state['epoch'] + 1}, "
              f"batch {state['position']} of {per_epoch})")
-    metrics = Metrics(out / "metrics.jsonl", state["step"], write=dist.is_main)
+    metrics = Metrics(folder.metrics, state["step"], write=dist.is_main)
     echo(f"rm: {len(train)} train / {len(held)} held-out pairs ({truncated} cut to {rc.max_length} tokens), "
          f"{total_steps} steps on {model_id}")
 
@@ -532,7 +364,7 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     seconds = time.time() - started
 
     # 8. Normalise: the references' mean raw score becomes the bias, so they score 0 on average.
-    sft_file = cfg.run_dir / "sft.jsonl"
+    sft_file = layout.sft_data
     refs: list[list[dict[str, str]]] = []
     if rc.reference is not None:
         refs, normalised_on = read_messages(Path(rc.reference)), str(rc.reference)
@@ -554,7 +386,8 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     raw_sum, count = dist.total(sum(raw), len(raw))  # each process scores its share of the references
     model.bias = raw_sum / count
 
-    # 9. Save: model/ last (written aside, then renamed), so a model/ folder means the run finished.
+    # 9. Save: eval.json and summary.json, then model/ (written aside, then renamed), so a model/ folder
+    # means the run finished.
     last = state["evals"][-1] if state["evals"] else {}
     summary = {
         "model": str(final), "base_model": model_id, "pairs_file": str(pairs_path),
@@ -563,15 +396,36 @@ def run_reward(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         "bias": model.bias, "normalised_on": normalised_on, "references": len(refs),
         "seconds": round(seconds, 1), "pairs_per_s": round(trained / seconds, 3) if trained and seconds > 0 else None,
     }
-    if dist.is_main:  # the others wait below, so none returns before the model is whole
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def write_model(tmp: Path) -> None:
         model.save_pretrained(tmp, normalised_on=normalised_on, references=len(refs), base_model=model_id,
                               pairs=str(pairs_path), max_length=rc.max_length)
         tok.save_pretrained(tmp)
-        eval_file.write_text(json.dumps({"epochs": state["evals"], "summary": summary}, indent=2) + "\n")
-        os.replace(tmp, final)
-    dist.barrier()
+
+    save_final(folder, summary, write_model, dist, {eval_file: {"epochs": state["evals"], "summary": summary}})
     acc = f"held-out accuracy {last['accuracy']:.3f}, " if last.get("accuracy") is not None else ""
     echo(f"rm: {state['step']} steps, {acc}bias {model.bias:.4f} -> {final}")
     return summary
+
+
+class Reward(Stage):
+    name = section = "rm"
+    trains = True
+
+    def user_files(self, cfg: RunConfig) -> list[Path]:
+        return [Path(f) for f in (cfg.rm.pairs, cfg.rm.reference) if f is not None]
+
+    def needs(self, cfg: RunConfig, layout: RunLayout) -> list[Need]:
+        if cfg.rm.pairs is not None:
+            return []
+        return [Need(layout.preferences, "no preference pairs to train the reward model on",
+                     "run the judge stage first, or set rm.pairs")]
+
+    def writes(self, cfg: RunConfig, layout: RunLayout) -> list[Path]:
+        return [layout.rm_model]
+
+    def run(self, ctx: Context) -> dict:
+        return run_reward(ctx.cfg.rm, ctx.layout, ctx.cfg.allow_pickle, ctx.echo)
+
+
+STAGE = Reward()

@@ -12,55 +12,42 @@ A share of the conversations is held out for an eval loss after every epoch.
 Several processes (``accelerate launch --multi_gpu --num_processes N``, or torchrun): ``batch_size``
 stays the batch of one optimiser step; each process takes its share of it, and a share's loss is
 its summed token losses over the whole batch's assistant-token count, so the summed gradients are
-those of the batch's token mean, as one process computes it (``common.Dist``).
+those of the batch's token mean, as one process computes it (``distributed.Dist``).
 
-Output under ``<run>/<sft.output>/``: ``checkpoint/`` (after every epoch; the run resumes from it
-exactly), ``metrics.jsonl`` and ``model/``: a causal LM folder with its tokenizer, LoRA merged in,
-which the hf backend loads as ``hf:<run>/sft/model``.
+Output in the run layout's ``layout.sft`` (``<run>/<sft.output>/``): ``checkpoint/`` (after every
+epoch; the run resumes from it exactly), ``metrics.jsonl``, ``summary.json`` and, last, ``model/``: a
+causal LM folder with its tokenizer, LoRA merged in, which the hf backend loads as ``hf:<run>/sft/model``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from factory.config import RunConfig
+from factory.layout import RunLayout
 from factory.records import file_sha256, work_key
+from factory.stage import Context, Need, Stage
 from factory.train import TrainError
-from factory.train.common import (
-    SOLO,
-    Dist,
-    Metrics,
-    add_lora,
-    autocast,
-    chat_ids,
-    end_ids,
-    checkpoint_activations,
-    length_mask,
-    load_causal_lm,
-    load_checkpoint,
-    load_tokenizer,
-    make_optimizer,
-    pad_right,
-    processes,
-    read_messages,
-    releases_memory,
-    resolve_model,
-    save_checkpoint,
-    seed_all,
-)
+from factory.train.chat import chat_ids, length_mask, pad_right, read_messages
+from factory.train.checkpoints import load_checkpoint, save_checkpoint
+from factory.train.distributed import SOLO, Dist, processes
+from factory.train.finish import finished, save_final
+from factory.train.metrics import Metrics
+from factory.train.models import add_lora, end_ids, load_causal_lm, load_tokenizer, resolve_model
+from factory.train.optim import make_optimizer, seed_all
+from factory.train.precision import autocast, checkpoint_activations, releases_memory
 from factory.train.settings import SFTConfig
+
+if TYPE_CHECKING:
+    from factory.config import RunConfig
 
 MEGABATCH = 50
 """Batches per length-sorted window: transformers' length-grouped sampler uses the same 50."""
@@ -128,7 +115,7 @@ def batch_loss(model, batch: list[Example], pad_id: int, device: torch.device,
 
     ``tokens``: the mean's denominator when ``batch`` is one process's share of a larger batch
     (that batch's assistant tokens), so the shares' losses add up to the whole batch's mean.
-    ``amp``: the forward pass's precision context (``common.autocast``); the loss is float32.
+    ``amp``: the forward pass's precision context (``precision.autocast``); the loss is float32.
     """
     rows = [ids for ids, _ in batch]
     ids = pad_right(rows, pad_id).to(device)
@@ -164,19 +151,21 @@ def eval_loss(model, data: list[Example], batch_size: int, pad_id: int, device: 
 
 
 @releases_memory
-def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
-    sc: SFTConfig = cfg.sft
+def run_sft(settings: SFTConfig, layout: RunLayout, allow_pickle: bool = False,
+            echo: Callable[[str], None] = print) -> dict:
+    """Fine-tune ``settings.model`` on ``settings.data`` (default: the run's SFT data) into ``layout.sft``;
+    returns the summary (also in ``layout.sft.summary``). A finished run returns its summary at once."""
+    sc = settings
     dist, device = processes(sc.device)
     echo = dist.main_only(echo)
-    out = cfg.run_dir / sc.output
-    final, ckpt = out / "model", out / "checkpoint"
-    summary_file = out / "summary.json"
-    if (final / "config.json").is_file():
-        echo(f"sft: already finished; the model is in {final} (remove {out} to train again)")
-        done = json.loads(summary_file.read_text()) if summary_file.is_file() else {"model": str(final)}
+    folder = layout.sft
+    final, ckpt = folder.model, folder.checkpoint
+    done = finished(folder)
+    if done is not None:
+        echo(f"sft: already finished; the model is in {final} (remove {folder.root} to train again)")
         return {**done, "already_finished": True}
 
-    data_path = sc.data if sc.data is not None else cfg.run_dir / "sft.jsonl"
+    data_path = sc.data if sc.data is not None else layout.sft_data
     if not Path(data_path).is_file():
         raise TrainError(f"{data_path}: no SFT data; run the critique stage first, or set sft.data "
                          "(a JSONL of {'messages': [...]})")
@@ -211,10 +200,10 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
     total_steps = per_epoch * sc.epochs
 
     # 2. Model (LoRA adapters if asked), optimiser and schedule.
-    # Weights in float32; forward passes in bf16 on CUDA (`dtype`, common.autocast).
+    # Weights in float32; forward passes in bf16 on CUDA (`dtype`, precision.autocast).
     seed_all(sc.seed)
     amp = autocast(sc.dtype, device)
-    model = load_causal_lm(path, device, tok, allow_pickle=cfg.allow_pickle)
+    model = load_causal_lm(path, device, tok, allow_pickle=allow_pickle)
     if sc.gradient_checkpointing:
         checkpoint_activations(model)
     model = add_lora(model, sc.lora)
@@ -228,18 +217,18 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
                            sc.model_dump(mode="json", exclude={"device", "data", "output", "dtype",
                                                                "gradient_checkpointing"}))
     state = load_checkpoint(ckpt, {"model": model}, {"optimizer": opt, "scheduler": sched}, dist,
-                            allow_pickle=cfg.allow_pickle)
+                            allow_pickle=allow_pickle)
     dist.broadcast({"model": model})
     if state is not None and state["fingerprint"] != fingerprint:
         raise TrainError(f"{ckpt}: this checkpoint was made from other data or settings; "
-                         f"remove {out} to start again, or restore what it was made with")
+                         f"remove {folder.root} to start again, or restore what it was made with")
     if state is None:
         state = {"fingerprint": fingerprint, "step": 0, "epoch": 0, "position": 0,
                  "loss_sum": 0.0, "loss_tokens": 0, "train_loss": None, "eval_loss": None}
     else:
         echo(f"sft: resuming from {ckpt} at step {state['step']} (epoch {state['epoch'] + 1}, "
              f"batch {state['position']} of {per_epoch})")
-    metrics = Metrics(out / "metrics.jsonl", state["step"], write=dist.is_main)
+    metrics = Metrics(folder.metrics, state["step"], write=dist.is_main)
     every = sc.checkpoint_every
 
     def checkpoint() -> None:
@@ -300,15 +289,35 @@ def run_sft(cfg: RunConfig, echo: Callable[[str], None] = print) -> dict:
         "epochs": sc.epochs, "steps": state["step"], "train_loss": state["train_loss"], "eval_loss": state["eval_loss"],
         "seconds": round(seconds, 1), "tokens_per_s": round(seen_tokens / train_s, 1) if train_s > 0 else None,
     }
-    if dist.is_main:  # the others wait below, so none returns before the model is whole
+
+    def write_model(tmp: Path) -> None:
         merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        summary_file.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, final)  # last: a model/ folder means the run finished
-    dist.barrier()
+
+    save_final(folder, summary, write_model, dist)  # model/ last: a model/ folder means the run finished
     echo(f"sft: {state['step']} steps, train loss {summary['train_loss']:.4f}"
          + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "") + f" -> {final}")
     return summary
+
+
+class SFT(Stage):
+    name = section = "sft"
+    trains = True
+
+    def user_files(self, cfg: RunConfig) -> list[Path]:
+        return [Path(cfg.sft.data)] if cfg.sft.data is not None else []
+
+    def needs(self, cfg: RunConfig, layout: RunLayout) -> list[Need]:
+        if cfg.sft.data is not None:
+            return []
+        return [Need(layout.sft_data, "nothing to fine-tune on", "run the critique stage first, or set sft.data")]
+
+    def writes(self, cfg: RunConfig, layout: RunLayout) -> list[Path]:
+        return [layout.sft_model]
+
+    def run(self, ctx: Context) -> dict:
+        return run_sft(ctx.cfg.sft, ctx.layout, ctx.cfg.allow_pickle, ctx.echo)
+
+
+STAGE = SFT()

@@ -1,0 +1,5 @@
+"""``python -m factory.cli``, e.g. under accelerate launch."""
+
+from factory.cli import main
+
+main()
