@@ -13,12 +13,14 @@ around these (``SeedError``, ``ConstitutionError``, ``ConfigError``...).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from pydantic import ValidationError
 
-from factory.records import Task
+from factory.records import Preference, Task, key_path
 from factory.store import Store, StoreError
 
 BOM = b"\xef\xbb\xbf"  # a BOM, as some Windows editors write: not part of the first line
@@ -230,3 +232,55 @@ def input_objects(path: Path, expected: str) -> Iterator[tuple[int, Any]]:
         if not isinstance(obj, dict):
             raise StoreError(f"{path}:{number}: expected {expected}")
         yield number, obj
+
+
+def load_responses(path: Path) -> list[tuple[str, list[dict[str, str]], list[str]]]:
+    """The judge's candidates from a user's file: (id, messages, responses) from a JSONL of {"prompt": text or messages, "responses": [...], "id"?}."""
+    out = []
+    for number, obj in input_objects(path, "an object with 'prompt' and 'responses'"):
+        where = f"{path}:{number}"
+        prompt, responses = obj.get("prompt"), obj.get("responses")
+        if isinstance(prompt, str) and prompt.strip():
+            messages = [{"role": "user", "content": prompt}]
+        elif (isinstance(prompt, list) and prompt and all(
+                isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
+                and isinstance(m["content"], str) for m in prompt) and prompt[-1]["role"] == "user"):
+            messages = prompt
+        else:
+            raise StoreError(f"{where}: 'prompt' must be a non-empty string or a list of role/content messages "
+                             "ending with the user's")
+        if not (isinstance(responses, list) and len(responses) >= 2 and all(isinstance(r, str) for r in responses)):
+            raise StoreError(f"{where}: 'responses' must be a list of at least two strings")
+        out.append((str(obj.get("id", f"line-{number}")), messages, responses))
+    return out
+
+
+def load_preferences(path: Path, error: type[Exception] = StoreError) -> list[Preference]:
+    """The ``Preference`` records of a JSONL file (the judge's, or ``pairs import``'s); a bad line is
+    ``error`` (the reward trainer's TrainError) naming file:line.
+
+    A last line without its newline that does not parse is what a killed judge leaves behind:
+    it is dropped with a warning, as ``factory.store`` does. A repeated key keeps the first record.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    lines = data.split(b"\n")
+    out: dict[str, Preference] = {}
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = Preference.model_validate_json(raw)
+        except ValidationError as e:
+            if number == len(lines):  # no newline after it: an interrupted write
+                warnings.warn(f"{path}:{number}: dropped a torn last line ({len(raw)} bytes)", stacklevel=2)
+                continue
+            what = "; ".join(f"{key_path(err['loc']) or 'line'}: {err['msg']}" for err in e.errors(include_url=False))
+            raise error(f"{path}:{number}: not a preference pair ({what}); expected a JSON object with "
+                             "messages, chosen, rejected and p_chosen, as the judge writes") from None
+        if not 0.0 <= rec.p_chosen <= 1.0:
+            raise error(f"{path}:{number}: p_chosen is {rec.p_chosen}; expected a probability in [0, 1]")
+        out.setdefault(rec.key, rec)
+    return list(out.values())

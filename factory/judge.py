@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 from factory.constitution import Constitution, Principle, load_constitution, render
 from factory.failures import Failures
-from factory.inputs import input_objects, load_prompts
+from factory.inputs import load_prompts, load_responses
 from factory.llm.base import Backend, GenParams, Messages
 from factory.preferences import FORMATS, prompt_text, write_jsonl
 from factory.records import Comparison, Judgment, Preference, Record, Revision, file_sha256, work_key
 from factory.stage import Context, Need, Stage
 from factory.stageloop import StageLoop
-from factory.store import Store, StoreError
+from factory.store import Store
 from factory.summary import StageSummary
 
 if TYPE_CHECKING:
@@ -211,27 +211,6 @@ class Item:
     """None for ``samples``: drawn in the stage's first step"""
 
 
-def file_items(path: Path) -> list[tuple[str, Messages, list[str]]]:
-    """(id, messages, responses) from a JSONL of {"prompt": text or messages, "responses": [...], "id"?}."""
-    out = []
-    for number, obj in input_objects(path, "an object with 'prompt' and 'responses'"):
-        where = f"{path}:{number}"
-        prompt, responses = obj.get("prompt"), obj.get("responses")
-        if isinstance(prompt, str) and prompt.strip():
-            messages = [{"role": "user", "content": prompt}]
-        elif (isinstance(prompt, list) and prompt and all(
-                isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in ("system", "user", "assistant")
-                and isinstance(m["content"], str) for m in prompt) and prompt[-1]["role"] == "user"):
-            messages = prompt
-        else:
-            raise StoreError(f"{where}: 'prompt' must be a non-empty string or a list of role/content messages "
-                             "ending with the user's")
-        if not (isinstance(responses, list) and len(responses) >= 2 and all(isinstance(r, str) for r in responses)):
-            raise StoreError(f"{where}: 'responses' must be a list of at least two strings")
-        out.append((str(obj.get("id", f"line-{number}")), messages, responses))
-    return out
-
-
 def load_items(cfg: "RunConfig", layout: "RunLayout", settings: dict) -> list[Item]:
     jc = cfg.judge
     raw: list[tuple[str, Messages, list[str] | None]] = []
@@ -242,7 +221,7 @@ def load_items(cfg: "RunConfig", layout: "RunLayout", settings: dict) -> list[It
         raw = [(r.key, [{"role": "user", "content": r.prompt}], [r.initial, r.final])
                for r in Store(path, Revision).records()]
     elif jc.candidates == "file":
-        raw = file_items(jc.responses)
+        raw = load_responses(jc.responses)
     else:
         raw = [(pid, [{"role": "user", "content": text}], None) for pid, text in load_prompts(jc.prompts, None, layout.tasks)]
     items, seen = [], set()
@@ -398,7 +377,7 @@ class Judge(Stage):
         jc = cfg.judge
         load_constitution(jc.constitution)
         if jc.candidates == "file":
-            file_items(jc.responses)
+            load_responses(jc.responses)
         elif jc.candidates == "samples" and jc.prompts is not None:
             load_prompts(jc.prompts, None, Path())
 

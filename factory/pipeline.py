@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -67,6 +68,11 @@ def check_inputs(cfg: RunConfig) -> None:
             if need.path not in made and not need.path.exists():
                 raise FileNotFoundError(need.message())
         made.update(st.writes(cfg, layout))
+
+
+def main_process() -> bool:
+    """Not one of the other processes of a multi-process launch (torchrun or accelerate set RANK)."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def round_dirs(run_dir: Path) -> list[Path]:
@@ -217,7 +223,8 @@ def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], 
         info |= backends.describe(named, load=first_loads_it)
     if specs["generator"] != specs["judge"]:
         info["generator"] = specs["generator"]
-    write_manifest(layout.manifest, rcfg, info, input_files(rcfg))
+    if main_process():  # several training processes (accelerate launch): one writes the manifest
+        write_manifest(layout.manifest, rcfg, info, input_files(rcfg))
     lazy: dict[str, OnFirstCall] = {}  # one per spec: two roles of one model are one backend
 
     def models(role: Role, on_first_call: bool) -> Backend:

@@ -28,14 +28,13 @@ from factory.bootstrap import check_instruction, parse_reply
 from factory.cli import cli
 from factory.config import BootstrapConfig, ConfigError, load_config
 from factory.constitution import ConstitutionError, load_constitution, render
-from factory.inputs import load_prompts
+from factory.inputs import input_objects, load_prompts, load_responses
 from factory.instances import filter_instances, parse_instances, parse_pairs
-from factory.judge import file_items, answer_messages, judge_messages
+from factory.judge import answer_messages, judge_messages
 from factory.pipeline import check_inputs
 from factory.preferences import PreferenceFormatError, import_hh, import_votes, parse_dialogue
 from factory.records import Preference
 from factory.seeds import SeedError, load_seeds
-from factory.inputs import input_objects
 from factory.store import StoreError, read_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::factory.seeds.SeedWarning", "ignore::factory.store.StoreWarning")
@@ -736,7 +735,7 @@ def test_prompt_and_response_files(tmp_path):
     def prop(data: bytes, responses: bool):
         path = scratch(tmp_path) / "in.jsonl"
         path.write_bytes(data)
-        loaded = loader_outcome(file_items if responses else (lambda p: load_prompts(p, None, p.parent / "tasks.jsonl")), tally, path,
+        loaded = loader_outcome(load_responses if responses else (lambda p: load_prompts(p, None, p.parent / "tasks.jsonl")), tally, path,
                                 errors=StoreError)
         for item in loaded or []:
             json.dumps(item, ensure_ascii=False).encode("utf-8")  # what loads can be written into a record

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from factory.config import load_config
+from factory.inputs import load_preferences
 from factory.layout import RunLayout
 from factory.records import Preference
 from factory.train import TrainError
@@ -278,7 +279,7 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_model):
     # a torn last line (a killed judge) is dropped, not an error
     path.write_text(good + "\n" + good[:30])
     with pytest.warns(UserWarning, match="torn"):
-        assert len(R.read_pairs(path)) == 1
+        assert len(load_preferences(path)) == 1
 
 
 def test_lora_trains_only_adapters_and_head(tmp_path, tiny_model):

@@ -44,17 +44,16 @@ import json
 import math
 import random
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from tqdm import tqdm
 
 from factory.layout import RunLayout
+from factory.inputs import load_preferences
 from factory.records import Preference, file_sha256, work_key
 from factory.stage import Context, Need, Stage
 from factory.train import TrainError
@@ -85,37 +84,6 @@ class Pair(NamedTuple):
 
 
 # -- data (pure) ----------------------------------------------------------------------------------
-
-
-def read_pairs(path: Path) -> list[Preference]:
-    """The ``Preference`` records of a JSONL file; a bad line is a TrainError naming file:line.
-
-    A last line without its newline that does not parse is what a killed judge leaves behind:
-    it is dropped with a warning, as ``factory.store`` does. A repeated key keeps the first record.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TrainError(f"{path}: no such file") from None
-    lines = data.split(b"\n")
-    out: dict[str, Preference] = {}
-    for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = Preference.model_validate_json(raw)
-        except ValidationError as e:
-            if number == len(lines):  # no newline after it: an interrupted write
-                warnings.warn(f"{path}:{number}: dropped a torn last line ({len(raw)} bytes)", stacklevel=2)
-                continue
-            what = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'line'}: {err['msg']}"
-                             for err in e.errors(include_url=False))
-            raise TrainError(f"{path}:{number}: not a preference pair ({what}); expected a JSON object with "
-                             "messages, chosen, rejected and p_chosen, as the judge writes") from None
-        if not 0.0 <= rec.p_chosen <= 1.0:
-            raise TrainError(f"{path}:{number}: p_chosen is {rec.p_chosen}; expected a probability in [0, 1]")
-        out.setdefault(rec.key, rec)
-    return list(out.values())
 
 
 def make_pairs(tok, prefs: list[Preference], max_length: int, soft_labels: bool) -> tuple[list[Pair], int]:
@@ -256,7 +224,7 @@ def run_reward(settings: RewardConfig, layout: RunLayout, allow_pickle: bool = F
     if not pairs_path.is_file():
         raise TrainError(f"{pairs_path}: no preference pairs; run the judge stage first, or set rm.pairs "
                          "(a JSONL of factory's preference records)")
-    prefs = read_pairs(pairs_path)
+    prefs = load_preferences(pairs_path, TrainError)
     if not prefs:
         raise TrainError(f"{pairs_path}: no preference pairs in the file; run the judge stage first, "
                          "or set rm.pairs")
