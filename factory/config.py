@@ -155,7 +155,6 @@ class JudgeConfig(Strict):
 
 
 STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo")
-TRAIN_STAGES = ("sft", "rm", "ppo")  # trainers: they load their own models, not the run's backend
 Stage = Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo"]
 
 

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from tqdm import tqdm
 
-from factory.llm.settings import BackendConfig
 from factory.constitution import Constitution
 from factory.judge import Group, draw_principles, judge_groups
 from factory.llm.base import Backend
-from factory.records import Comparison, Preference
+from factory.llm.settings import BackendConfig
+from factory.records import Comparison, Preference, Strict, error_text
 
 
 @dataclass(frozen=True)
@@ -227,14 +227,14 @@ class JudgeEvalError(ValueError):
         self.field = field
 
 
-class JudgeEvalConfig(BaseModel):
+class JudgeEvalConfig(Strict):
     """`factory judge-eval`: which human-labelled pairs the judge reads, and how it judges them.
 
     Each field is one of the command's options (``cot_band`` is ``--cot-band``); all the
     validation of those options is here.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)
 
     pairs: Path = Field(description="JSONL of human-labelled pairs")
     format: Literal["hh", "factory"] = Field(
@@ -274,7 +274,7 @@ class JudgeEvalConfig(BaseModel):
         try:
             BackendConfig(spec=v)
         except ValidationError as e:
-            raise ValueError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+            raise ValueError("; ".join(error_text(err) for err in e.errors())) from None
         return v
 
     def backend_config(self) -> BackendConfig:

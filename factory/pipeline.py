@@ -62,12 +62,12 @@ def check_inputs(cfg: RunConfig) -> None:
     for st in stages:
         st.check(cfg)
     layout = RunLayout.of(cfg)
-    made: set[Path] = set()
+    made: set[Path] = set()  # resolved: a path the config names may be absolute, the layout's relative
     for st in stages:
         for need in st.needs(cfg, layout):
-            if need.path not in made and not need.path.exists():
+            if need.path.resolve() not in made and not need.there():
                 raise FileNotFoundError(need.message())
-        made.update(st.writes(cfg, layout))
+        made.update(p.resolve() for p in st.writes(cfg, layout))
 
 
 def main_process() -> bool:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from factory.atomic import atomic_file
 from factory.inputs import JSON_KINDS, LONE_SURROGATE, ParseError, kind, load_json, read_bytes, valid_unicode
 from factory.records import Preference, work_key
 
@@ -270,18 +270,6 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     Export files are derived, so they are rewritten whole (temp file in the same folder,
     fsync, rename) rather than appended like a stage's store.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fixed name (one writer per run folder): a temporary file left by a killed run is simply
-    # overwritten by the next, not left behind. open() here, unlike mkstemp, honours the umask.
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(Path(path)) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")

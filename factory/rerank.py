@@ -121,7 +121,8 @@ class Rerank(Stage):
     def needs(self, cfg, layout) -> list[Need]:
         rc = cfg.rerank
         rm = Path(rc.reward_model) if rc.reward_model is not None else layout.rm_model
-        needs = [Need(rm, "no reward model to rerank with", "run `factory train rm` first, or set rerank.reward_model")]
+        needs = [Need(rm, "no reward model to rerank with", "run `factory train rm` first, or set rerank.reward_model",
+                      folder=True)]
         if rc.prompts is None:
             needs.append(Need(layout.tasks, "no prompts to rerank", "run instances first, or set rerank.prompts"))
         return needs

@@ -43,6 +43,11 @@ class Need:
     """what is missing, from the stage's side: "no prompts to critique\""""
     fix: str
     """how to get it: "run instances first, or set critique.prompts\""""
+    folder: bool = False
+    """a folder (a trained model), not a file"""
+
+    def there(self) -> bool:
+        return self.path.is_dir() if self.folder else self.path.is_file()
 
     def message(self) -> str:
         return f"{self.path}: {self.why}; {self.fix}"

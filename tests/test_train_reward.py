@@ -17,6 +17,7 @@ from factory.layout import RunLayout
 from factory.records import Preference
 from factory.train import TrainError
 from factory.train import reward as R
+from factory.train import scoring
 from factory.train.models import HEAD_FILE, ScalarModel, load_tokenizer
 from factory.train.optim import seed_all
 
@@ -71,7 +72,7 @@ def tiny(tiny_model):
     return model.eval(), tok
 
 
-def raw_score(model: ScalarModel, seq: R.Seq) -> float:
+def raw_score(model: ScalarModel, seq: scoring.Seq) -> float:
     """A reply's score the plainest way: its own row, ScalarModel.last_scores, bias 0."""
     ids = torch.tensor([list(seq[0]) + list(seq[1])])
     return model.last_scores(ids, torch.ones_like(ids)).item() + model.bias
@@ -116,13 +117,13 @@ def test_shared_prompt_path_equals_plain_path(tiny):
     pairs, truncated = R.make_pairs(tok, prefs, 64, soft_labels=True)
     assert truncated >= 1 and all(len(p) + len(r) <= 64 for x in pairs for p, r in (x.chosen, x.rejected))
     seqs = [x.chosen for x in pairs] + [x.rejected for x in pairs]
-    packed = R.pack(seqs, tok.pad_token_id, 128)
+    packed = scoring.pack(seqs, tok.pad_token_id, 128)
     plain_tokens = len(seqs) * max(len(p) + len(r) for p, r in seqs)
     assert packed.ids.numel() < plain_tokens  # the point: fewer tokens run through the model
     with torch.no_grad():
-        plain = R.seq_scores(model, seqs, tok.pad_token_id, CPU, False, 128)
+        plain = scoring.seq_scores(model, seqs, tok.pad_token_id, CPU, False, 128)
         for limit in (128, 40):  # 40: rows fill up and a prompt repeats in a new row
-            shared = R.seq_scores(model, seqs, tok.pad_token_id, CPU, True, limit)
+            shared = scoring.seq_scores(model, seqs, tok.pad_token_id, CPU, True, limit)
             torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-5)
         assert plain.std() > 0.05  # the scores differ: the comparison is not of constants
         one = torch.tensor([raw_score(model, s) for s in seqs[:3]])
@@ -134,7 +135,7 @@ def test_shared_prompt_path_equals_plain_path(tiny):
     # score(): conversations in, normalised rewards out, the same numbers again
     model.bias = 0.25
     convs = [[*prefs[i].messages, {"role": "assistant", "content": prefs[i].chosen}] for i in range(3)]
-    got = R.score(model, tok, convs, batch_size=2, max_length=64, device=CPU)
+    got = scoring.score(model, tok, convs, batch_size=2, max_length=64, device=CPU)
     assert got == pytest.approx([v - 0.25 for v in plain[:3].tolist()], abs=1e-4)
 
 
@@ -184,7 +185,7 @@ def test_train_writes_metrics_eval_and_a_normalised_model(tmp_path, tiny_model):
     tok = load_tokenizer(str(out / "model"))
     model = ScalarModel.from_pretrained(out / "model", CPU, tok)
     assert model.bias == pytest.approx(summary["bias"]) and summary["bias"] != 0
-    scores = R.score(model, tok, [r["messages"] for r in refs], 4, 64, CPU)
+    scores = scoring.score(model, tok, [r["messages"] for r in refs], 4, 64, CPU)
     assert abs(sum(scores) / len(scores)) < 1e-4 and max(scores) - min(scores) > 0
     meta = json.loads((out / "model" / "scalar_model.json").read_text())
     assert meta["base_model"] and meta["normalised_on"] == str(run / "sft.jsonl")

@@ -338,10 +338,10 @@ def test_remote_code_is_refused_without_the_flag(fake_vllm, tmp_path):
 
 
 def test_trust_remote_code_flag_sets_the_backend_key():
-    from factory.cli import _load
+    from factory.cli.common import load_run_config
 
-    assert _load(None, (), None).backend.trust_remote_code is False
-    assert _load(None, (), None, trust_remote_code=True).backend.trust_remote_code is True
+    assert load_run_config(None, (), None).backend.trust_remote_code is False
+    assert load_run_config(None, (), None, trust_remote_code=True).backend.trust_remote_code is True
 
 
 # -- close -----------------------------------------------------------------------------------

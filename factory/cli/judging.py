@@ -7,6 +7,7 @@ import click
 from pydantic import ValidationError
 
 from factory.cli.common import UserError, user_errors
+from factory.records import error_text
 
 
 def option_name(field: str) -> str:
@@ -45,7 +46,7 @@ def judge_eval(pairs, fmt, constitution, count, cot, cot_band, spec, batch_size,
                               cot_band=cot_band, backend=spec, batch_size=batch_size, limit=limit, seed=seed,
                               report=report)
     except ValidationError as e:
-        raise UserError("\n".join(f"{option_name(str(err['loc'][0]))}: {err['msg'].removeprefix('Value error, ')}"
+        raise UserError("\n".join(f"{option_name(str(err['loc'][0]))}: {error_text(err)}"
                                   for err in e.errors())) from None
     try:
         figures = run_judge_eval(cfg)

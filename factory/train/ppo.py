@@ -639,7 +639,7 @@ class PPO(Stage):
     def needs(self, cfg: RunConfig, layout: RunLayout) -> list[Need]:
         pc = cfg.ppo
         needs = [Need(Path(pc.reward_model) if pc.reward_model else layout.rm_model, "no reward model for PPO",
-                      "add the rm stage, run `factory train rm`, or set ppo.reward_model")]
+                      "add the rm stage, run `factory train rm`, or set ppo.reward_model", folder=True)]
         if pc.prompts is None:
             needs.append(Need(layout.tasks, "no prompts for PPO", "run instances first, or set ppo.prompts"))
         return needs
