@@ -84,7 +84,7 @@ def round_config(cfg: RunConfig, r: int) -> RunConfig:
     """Round r's own config: its folder, its stages, and where its policy starts."""
     if cfg.rounds == 1:
         return cfg
-    update: dict = {"output_dir": cfg.run_dir, "name": f"round-{r}", "rounds": 1}
+    update: dict = {"output_dir": cfg.run_dir, "name": RunLayout.of(cfg).round(r).root.name, "rounds": 1}
     if r > 1:
         previous = str(RunLayout.of(cfg).round(r - 1).policy_model)
         # Later rounds reuse round 1's tasks: the prompts stay, the answers change.
@@ -256,7 +256,7 @@ def run_stages(cfg: RunConfig, backend: Backend | None = None, echo: Callable[[s
     try:
         for r in range(1, cfg.rounds + 1):
             if cfg.rounds > 1:
-                echo(f"round {r} of {cfg.rounds}: {cfg.run_dir / f'round-{r}'}")
+                echo(f"round {r} of {cfg.rounds}: {RunLayout.of(cfg).round(r).root}")
             if r > 1:
                 carry_tasks(cfg, r)
                 check_inputs(round_config(cfg, r))

@@ -168,18 +168,19 @@ def rerank(config, overrides, backend, name, allow_pickle, trust_remote_code):
 
 def show_samples(cfg: RunConfig, count: int) -> None:
     """A few records of the last stage that ran, so a run ends by showing what it made."""
+    from factory.layout import RunLayout
     from factory.records import Generation, Instruction, Preference, Reranked, Revision, Task
     from factory.store import read_jsonl
 
-    files = {"generate": ("generations.jsonl", Generation), "bootstrap": ("instructions.jsonl", Instruction),
-             "instances": ("tasks.jsonl", Task), "critique": ("revisions.jsonl", Revision),
-             "judge": ("preferences.jsonl", Preference), "rerank": ("rerank.jsonl", Reranked)}
+    layout = RunLayout.of(cfg)
+    files = {"generate": (layout.generations, Generation), "bootstrap": (layout.instructions, Instruction),
+             "instances": (layout.tasks, Task), "critique": (layout.revisions, Revision),
+             "judge": (layout.preferences, Preference), "rerank": (layout.rerank, Reranked)}
     data_stages = [s for s in cfg.stages if s in files]
     if not data_stages:
         return
     last = data_stages[-1]
-    name, record_type = files[last]
-    path = cfg.run_dir / name
+    path, record_type = files[last]
     if not path.is_file():
         return
     records = read_jsonl(path, record_type)
