@@ -229,7 +229,11 @@ def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], 
 
     def models(role: Role, on_first_call: bool) -> Backend:
         spec = specs[role]
-        return lazy.setdefault(spec, OnFirstCall(backends, spec)) if on_first_call else backends.get(spec)
+        if not on_first_call:
+            return backends.get(spec)
+        if spec not in lazy:
+            lazy[spec] = OnFirstCall(backends, spec)
+        return lazy[spec]
 
     ctx = Context(rcfg, layout, models, echo)
     results: list[StageSummary | dict] = []
