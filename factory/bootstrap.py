@@ -30,7 +30,7 @@ from factory.dedup import RougeIndex
 from factory.failures import Failures
 from factory.llm.base import Backend, Messages
 from factory.records import BootstrapRequest, Candidate, Instruction, Similar, file_sha256, work_key
-from factory.seeds import load_seeds
+from factory.seeds import check_seeds, load_seeds
 from factory.stage import Context, Stage
 from factory.store import Store
 from factory.summary import StageSummary
@@ -276,8 +276,7 @@ class Bootstrap(Stage):
         return [layout.bootstrap_requests, layout.instructions]
 
     def check(self, cfg) -> None:
-        for path in dict.fromkeys(cfg.bootstrap.seeds):
-            load_seeds(path)
+        check_seeds(cfg.bootstrap.seeds)
 
     def run(self, ctx: Context) -> StageSummary:
         return run_bootstrap(ctx.cfg, ctx.model("generator"), ctx.layout)

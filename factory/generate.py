@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from factory.llm.base import Backend
 from factory.records import Generation, work_key
-from factory.seeds import load_seeds, task_prompt
+from factory.seeds import check_seeds, load_seeds, task_prompt
 from factory.stage import Context, Stage
 from factory.stageloop import StageLoop
 from factory.store import Store
@@ -66,8 +66,7 @@ class Generate(Stage):
         return [layout.generations]
 
     def check(self, cfg) -> None:
-        for path in dict.fromkeys(cfg.generate.seeds):
-            load_seeds(path)
+        check_seeds(cfg.generate.seeds)
 
     def run(self, ctx: Context) -> StageSummary:
         return run_generate(ctx.cfg, ctx.model("generator"), ctx.layout)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from factory.llm.base import Backend, Messages
 from factory.records import Instance, Instruction, SeedTask, Task, file_sha256, work_key
-from factory.seeds import load_seeds
+from factory.seeds import check_seeds, load_seeds
 from factory.stage import Context, Need, Stage
 from factory.stageloop import StageLoop
 from factory.store import Store
@@ -304,8 +304,7 @@ class Instances(Stage):
         return [layout.tasks]
 
     def check(self, cfg) -> None:
-        for path in dict.fromkeys(cfg.bootstrap.seeds):
-            load_seeds(path)
+        check_seeds(cfg.bootstrap.seeds)
 
     def run(self, ctx: Context) -> StageSummary:
         return run_instances(ctx.cfg, ctx.model("generator"), ctx.layout)

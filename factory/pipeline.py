@@ -75,11 +75,6 @@ def main_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
-def round_dirs(run_dir: Path) -> list[Path]:
-    """The folders of a run's rounds, in order: round-1, round-2, ... or the run folder itself."""
-    return RunLayout(Path(run_dir)).round_dirs()
-
-
 def round_config(cfg: RunConfig, r: int) -> RunConfig:
     """Round r's own config: its folder, its stages, and where its policy starts."""
     if cfg.rounds == 1:

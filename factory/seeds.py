@@ -13,7 +13,7 @@ import json
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from pydantic import ValidationError
 
@@ -33,6 +33,12 @@ class SeedError(ValueError):
 
 class SeedWarning(UserWarning):
     """A seed file loads, but something in it deserves a look; the message names the lines."""
+
+
+def check_seeds(paths: Iterable[Path]) -> None:
+    """Read every seed file once (a file named twice, once): a malformed one stops the run with file:line."""
+    for path in dict.fromkeys(paths):
+        load_seeds(path)
 
 
 def load_seeds(path: Path, *, min_words: int = 4) -> list[SeedTask]:

@@ -64,11 +64,10 @@ class StageLoop(Generic[T]):
         keys = [self.key(it) for it in items] if keys is None else keys
         return self.failures.kept(fn, items, keys, requests, *args)
 
-    def append(self, records: list, store: Store | None = None) -> int:
-        """Append ``records`` to the stage's store (or another, derived one); returns how many were new."""
-        n = (store or self.store).append(records)
-        if store is None or store is self.store:
-            self.written += n
+    def append(self, records: list) -> int:
+        """Append ``records`` to the stage's store; returns how many were new."""
+        n = self.store.append(records)
+        self.written += n
         return n
 
     def summary(self, rejected: Counter[str] | None = None, note: str = "") -> StageSummary:

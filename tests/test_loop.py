@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from factory.cli import cli
 from factory.config import ConfigError, load_config
-from factory.pipeline import check_inputs, round_dirs
+from factory.layout import RunLayout
+from factory.pipeline import check_inputs
 from factory.records import Preference, Revision
 from factory.store import read_jsonl
 
@@ -52,7 +53,7 @@ def test_two_rounds(tmp_path, tiny_model):
     result = CliRunner().invoke(cli, ["run", str(config), "--show", "1"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "outputs" / "loop"
-    first, second = round_dirs(run)
+    first, second = RunLayout(run).round_dirs()
     assert (first.name, second.name) == ("round-1", "round-2")
     assert "round 2 of 2" in result.output
     page = run / "report" / "index.html"
