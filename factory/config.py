@@ -19,7 +19,7 @@ from factory.inputs import TOO_DEEP, TOO_MANY_DIGITS, ParseError, decode, duplic
 from factory.llm.base import GenParams
 from factory.llm.settings import BackendConfig  # the run config's backend table; importable from here too
 from factory.records import Strict, error_text, got, key_path
-from factory.train.settings import PPOConfig, RerankConfig, RewardConfig, SFTConfig
+from factory.train.settings import DPOConfig, PPOConfig, RerankConfig, RewardConfig, SFTConfig
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -110,6 +110,9 @@ class JudgeConfig(Strict):
     """The `judge` stage: compare responses under principles and write soft-labelled preference pairs (RLAIF)."""
 
     constitution: Path = Field(Path("principles/harmless.yaml"), description="principle file whose judge questions are asked")
+    backend: str | None = Field(
+        None, description="the judge's own model (a backend spec: hf:..., vllm:..., openai:URL#model); none: the run's "
+        "backend.spec. It stays fixed over rounds and while online DPO or PPO (reward = judge) train the policy")
     candidates: Literal["critique", "samples", "file"] = Field(
         "critique",
         description="critique: each prompt's first answer vs its final revision (revisions.jsonl); "
@@ -154,8 +157,10 @@ class JudgeConfig(Strict):
         return self
 
 
-STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo")
-Stage = Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo"]
+STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo", "dpo")
+Stage = Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo", "dpo"]
+POLICY_TRAINERS = ("ppo", "dpo")
+"""the stages whose trained model is the next round's policy (PPO's when a run has both)"""
 
 
 class RunConfig(Strict):
@@ -166,10 +171,10 @@ class RunConfig(Strict):
     backend: BackendConfig = BackendConfig()
     stages: list[Stage] = Field(
         ["generate"], description="stages to run, in order: generate, bootstrap, instances, critique, judge, "
-        "rerank, and the trainers sft, rm, ppo"
+        "rerank, and the trainers sft, rm, ppo, dpo"
     )
     rounds: int = Field(
-        1, ge=1, description="RLAIF rounds: after PPO, the trained policy answers and revises the next round's "
+        1, ge=1, description="RLAIF rounds: after PPO (or DPO), the trained policy answers and revises the next round's "
         "prompts (the judge stays the backend's model); with more than 1, round N lives in round-N/"
     )
     allow_pickle: bool = Field(
@@ -184,6 +189,7 @@ class RunConfig(Strict):
     sft: SFTConfig = SFTConfig()
     rm: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
     rerank: RerankConfig = RerankConfig()
 
     @field_validator("name")
@@ -207,8 +213,9 @@ class RunConfig(Strict):
     def _stages_once(self) -> "RunConfig":
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages must not repeat, got {self.stages}")
-        if self.rounds > 1 and "ppo" not in self.stages:
-            raise ValueError(f"rounds = {self.rounds} needs the ppo stage: each round's policy answers the next round")
+        if self.rounds > 1 and not any(s in self.stages for s in POLICY_TRAINERS):
+            raise ValueError(f"rounds = {self.rounds} needs the ppo or dpo stage: each round's policy answers the "
+                             "next round")
         return self
 
     @property

@@ -53,6 +53,17 @@ class TrainerFolder:
         """PPO: the responses sampled at each eval, with their rewards"""
         return self.root / "samples.jsonl"
 
+    @property
+    def reference(self) -> Path:
+        """DPO: the reference model's log-probs of every pair, computed once before training;
+        PPO with reward = judge: the starting policy's greedy reply to each prompt"""
+        return self.root / "reference.jsonl"
+
+    @property
+    def online(self) -> Path:
+        """online DPO: each step's prompts, samples and the judge's labels, written as they come"""
+        return self.root / "online.jsonl"
+
 
 @dataclass(frozen=True)
 class RunLayout:
@@ -61,11 +72,13 @@ class RunLayout:
     sft_output: str = "sft"
     rm_output: str = "rm"
     ppo_output: str = "policy"
+    dpo_output: str = "dpo"
 
     @classmethod
     def of(cls, cfg, root: Path | None = None) -> "RunLayout":
         """The layout of ``cfg``'s run folder (or of ``root``, a round folder of it)."""
-        return cls(Path(root if root is not None else cfg.run_dir), cfg.sft.output, cfg.rm.output, cfg.ppo.output)
+        return cls(Path(root if root is not None else cfg.run_dir), cfg.sft.output, cfg.rm.output, cfg.ppo.output,
+                   cfg.dpo.output)
 
     # -- the run's own files ------------------------------------------------------------------
 
@@ -151,6 +164,14 @@ class RunLayout:
         return TrainerFolder(self.root / self.ppo_output)
 
     @property
+    def dpo(self) -> TrainerFolder:
+        return TrainerFolder(self.root / self.dpo_output)
+
+    def trained_policy(self, stages) -> Path:
+        """The model a run of ``stages`` ends with, the next round's policy: PPO's, else DPO's."""
+        return self.policy_model if "ppo" in stages or "dpo" not in stages else self.dpo.model
+
+    @property
     def sft_model(self) -> Path:
         """the SFT trainer's final model, a causal LM folder"""
         return self.sft.model
@@ -169,7 +190,8 @@ class RunLayout:
 
     def round(self, r: int) -> "RunLayout":
         """Round r's layout, in ``round-r/`` of this run folder."""
-        return RunLayout(self.root / f"{ROUND_PREFIX}{r}", self.sft_output, self.rm_output, self.ppo_output)
+        return RunLayout(self.root / f"{ROUND_PREFIX}{r}", self.sft_output, self.rm_output, self.ppo_output,
+                         self.dpo_output)
 
     def round_dirs(self) -> list[Path]:
         """The folders of the run's rounds, in order: round-1, round-2, ... or the run folder itself."""

@@ -35,6 +35,7 @@ STAGES: dict[str, str] = {
     "sft": "factory.train.sft",
     "rm": "factory.train.reward",
     "ppo": "factory.train.ppo",
+    "dpo": "factory.train.dpo",
 }
 """every stage by name, and the module that holds its ``STAGE`` (imported when a run lists it:
 a run without trainers never imports torch's training stack)"""
@@ -81,13 +82,15 @@ def round_config(cfg: RunConfig, r: int) -> RunConfig:
         return cfg
     update: dict = {"output_dir": cfg.run_dir, "name": RunLayout.of(cfg).round(r).root.name, "rounds": 1}
     if r > 1:
-        previous = str(RunLayout.of(cfg).round(r - 1).policy_model)
+        previous = str(RunLayout.of(cfg).round(r - 1).trained_policy(cfg.stages))
         # Later rounds reuse round 1's tasks: the prompts stay, the answers change.
         update["stages"] = [s for s in cfg.stages if not stage(s).first_round_only]
-        # The loop: round r fine-tunes (sft) and optimises (ppo) the policy round r-1 ended with,
-        # which is also the KL reference of its PPO.
+        # The loop: round r fine-tunes (sft) and optimises (ppo, dpo) the policy round r-1 ended with,
+        # which is also the KL reference of its PPO and the reference of its DPO.
         update["sft"] = cfg.sft.model_copy(update={"model": previous})
-        update["ppo"] = cfg.ppo.model_copy(update={"policy": "auto" if "sft" in cfg.stages else previous})
+        start = "auto" if "sft" in cfg.stages else previous
+        update["ppo"] = cfg.ppo.model_copy(update={"policy": start})
+        update["dpo"] = cfg.dpo.model_copy(update={"model": start})
     return cfg.model_copy(update=update)
 
 
@@ -96,7 +99,12 @@ def policy_spec(cfg: RunConfig, r: int) -> str:
     if r == 1:
         return cfg.backend.spec
     kind = "vllm" if cfg.backend.spec.startswith("vllm:") else "hf"
-    return f"{kind}:{RunLayout.of(cfg).round(r - 1).policy_model}"
+    return f"{kind}:{RunLayout.of(cfg).round(r - 1).trained_policy(cfg.stages)}"
+
+
+def judge_spec(cfg: RunConfig) -> str:
+    """The judge's backend spec: ``judge.backend``, else the run's; the same in every round."""
+    return cfg.judge.backend or cfg.backend.spec
 
 
 def carry_tasks(cfg: RunConfig, r: int) -> None:
@@ -207,7 +215,7 @@ def free_memory() -> None:
 def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], None]) -> list[StageSummary | dict]:
     rcfg = round_config(cfg, r)
     layout = RunLayout.of(rcfg)
-    specs: dict[Role, str] = {"generator": policy_spec(cfg, r), "judge": cfg.backend.spec}
+    specs: dict[Role, str] = {"generator": policy_spec(cfg, r), "judge": judge_spec(cfg)}
     stages = [stage(name) for name in rcfg.stages]
     used = {role for st in stages for role in st.roles(rcfg)}
     info: dict = {"spec": specs["judge"]}

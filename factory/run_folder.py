@@ -15,7 +15,7 @@ from typing import Any
 
 from factory.layout import RunLayout
 
-TRAINER_SECTIONS = {"sft": "sft_output", "rm": "rm_output", "ppo": "ppo_output"}
+TRAINER_SECTIONS = {"sft": "sft_output", "rm": "rm_output", "ppo": "ppo_output", "dpo": "dpo_output"}
 """the config section of each trainer -> the RunLayout field that names its folder"""
 
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the contract names them; importing them here would import t
 
 Role = Literal["generator", "judge"]
 """who a stage asks: the generator (the configured model, then each round's policy) or the judge
-(always the configured model: ``backend.spec``)"""
+(always the configured model: ``judge.backend``, else ``backend.spec``)"""
 
 
 @dataclass(frozen=True)

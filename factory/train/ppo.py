@@ -1,16 +1,55 @@
-"""PPO against a reward model (RLHF), in one file, after cleanrl and summarize_from_feedback_details.
+"""PPO against a reward model (RLHF) or against the AI judge (RLAIF), in one file, after cleanrl
+and summarize_from_feedback_details.
 
 The config is ``PPOConfig`` (``[ppo]`` in a run config, factory/train/settings.py), every field described there.
 The loop follows Huang et al. 2024, "The N+ implementation details of RLHF with PPO" (its
 reference code is summarize_from_feedback_details; TRL's PPOTrainer is a port of it), and is
 commented in the same numbered steps: 1 generate, 2 truncate at EOS, 3 score, 4 KL-penalised
-reward, 5 whiten, 6 GAE, 7 update.
+reward, 5 whiten, 6 GAE (or a group baseline), 7 update.
 
-Four models: the policy (trained); the reference, a frozen copy of the starting policy; the
-reward model, a frozen ``ScalarModel`` read at a response's last token; the value model, a
-``ScalarModel`` initialised from the reward model and read at every response token. With LoRA,
-policy and reference are one frozen base with the policy's adapters switched on or off, and
-reward and value models likewise share the reward model's backbone (value = adapters on).
+Three rewards (``ppo.reward``), each a score per response:
+
+- ``model``: a frozen reward model (``ScalarModel``) read at the response's last token.
+- ``judge``: no reward model; the judge (``feedback.Labeller``: ``judge.backend``, ``judge.constitution``)
+  compares the rollout with a reference reply to the same prompt, in both orders (its position bias
+  cancelled) under principle(s) drawn per prompt and step, and the score is 2p - 1, p = P(rollout
+  beats reference): "direct RLAIF" (Lee et al. 2023) made pairwise. The reference reply is the
+  starting policy's greedy reply, computed once for every prompt before step 1 and kept in
+  ``reference.jsonl`` (appended a batch at a time: a resumed or killed run keeps what is written,
+  and it is always sampled from the frozen reference model, which is the starting policy). With
+  ``rloo``/``grpo`` the rollouts of a prompt are compared with each other instead (every pair, both
+  orders), and a rollout's score is 2p - 1 of its mean win probability against the rest of its group;
+  no reference reply is needed for training then (the held-out prompts still get one, for evals).
+- ``judge-score``: the judge's expected 1-10 rating of the response (read from its option
+  log-probabilities), mapped onto [-1, 1].
+
+A response cut off by ``response_length`` gets ``no_eos_score`` whatever the reward. The judge reads
+the decoded response (special tokens skipped). Evals score each held-out prompt's greedy reply with
+the same reward (``eval/score``; with ``judge``, against the reference reply: 0 at step 0, since
+the reply is then the reference itself).
+
+Three advantage estimators (``ppo.advantage``):
+
+- ``gae``: a value model and generalised advantage estimation over the response tokens, whitened
+  over the batch. The value model is a ``ScalarModel`` initialised from the reward model, or, with a
+  judge reward, from the starting policy's backbone with a fresh head.
+- ``rloo``: REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024): each step samples
+  ``samples`` rollouts of each of ``batch_size / samples`` prompts; a rollout's return is its
+  score minus kl_coef times its summed per-token KL, and its advantage is that return minus the
+  mean return of the other rollouts of its prompt.
+- ``grpo``: group-relative (Shao et al. 2024): the return minus the group's mean, over the
+  group's standard deviation.
+
+With rloo and grpo there is no value model at all (none built, trained or checkpointed); the
+sequence advantage is given to every token of the response and the clipped policy loss is the only
+PPO loss (plus ptx when asked); the advantages are not whitened again.
+
+Four models with ``gae`` and a reward model: the policy (trained); the reference, a frozen copy of
+the starting policy; the reward model, a frozen ``ScalarModel`` read at a response's last token;
+the value model, a ``ScalarModel`` initialised from the reward model and read at every response
+token. With LoRA, policy and reference are one frozen base with the policy's adapters switched on
+or off, and reward and value models likewise share the reward model's backbone (value = adapters on;
+with a judge reward the value model has a frozen base and adapters of its own).
 
 Rollouts are laid out as ``[left padding][prompt][response][padding after EOS]``: the response
 block starts at the same column in every row, so one slice takes every row's response logits.
@@ -22,7 +61,9 @@ rollouts from a random stream of its own; whitening statistics, the KL controlle
 logged means are taken over all the rollouts, and every loss is a token mean over the whole
 mini-batch (each process's token sums over the mini-batch's token count), so the summed gradients
 are those of one process holding every rollout (``distributed.Dist``). Rank 0 evaluates its share of
-the held-out prompts like the others and writes every file.
+the held-out prompts like the others and writes every file. For now only ``reward = model`` with
+``advantage = gae`` runs on several processes: a judge reward or a group baseline is single process
+only (a TrainError says so).
 """
 
 from __future__ import annotations

@@ -105,16 +105,65 @@ class PPOConfig(Common):
     vf_coef: float = Field(0.1, ge=0, description="value loss weight")
     ptx_coef: float = Field(0.0, ge=0, description="SFT loss mixed into each update (PPO-ptx); 0 = off")
     sft_data: Path | None = Field(None, description="ptx: JSONL of {'messages'} (none: the run's sft.jsonl)")
+    reward: Literal["model", "judge", "judge-score"] = Field(
+        "model", description="model: the reward model (ppo.reward_model); judge: no reward model, the judge "
+        "(judge.backend, judge.constitution) compares each rollout with the starting policy's greedy reply to the "
+        "same prompt in both orders, reward = 2p - 1 (with rloo/grpo: its mean win probability against the rest "
+        "of its group); judge-score: the judge's expected 1-10 rating, mapped onto [-1, 1]")
+    advantage: Literal["gae", "rloo", "grpo"] = Field(
+        "gae", description="gae: a value model and GAE; rloo: each sample's KL-penalised return minus the mean of "
+        "the other samples of its prompt; grpo: the return normalised within its prompt's group (no value model "
+        "for either)")
+    samples: int = Field(1, ge=1, le=16, description="rollouts per prompt each step; rloo and grpo need at least "
+                         "2 (default then 4); batch_size and mini_batch_size count rollouts")
     eval_prompts: int = Field(8, ge=0, description="prompts held out; scored greedily at every eval")
     eval_every: int = Field(10, ge=1, description="steps between evals (sample generations saved)")
     checkpoint_every: int = Field(10, ge=1, description="steps between resumable checkpoints")
 
     @model_validator(mode="after")
     def _minibatches(self) -> "PPOConfig":
+        if self.advantage != "gae" and self.samples == 1 and "samples" not in self.model_fields_set:
+            self.samples = 4
+        if self.advantage != "gae" and self.samples < 2:
+            raise ValueError(f"advantage = {self.advantage!r} needs samples >= 2 (a group to take the baseline from)")
+        if self.batch_size % self.samples:
+            raise ValueError(f"batch_size ({self.batch_size}) counts rollouts: it must be a multiple of samples "
+                             f"({self.samples})")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size})")
         return self
+
+
+class DPOConfig(Common):
+    """`factory train dpo`: direct preference optimisation on soft-labelled pairs, offline or online."""
+
+    pairs: Path | None = Field(None, description="preference JSONL (factory's format; none: the run's preferences.jsonl)")
+    model: str = Field("auto", description="the policy to start from: auto = the run's sft/model if trained, else "
+                       "embedded; or a causal LM folder / hub id. It is also the reference")
+    output: str = Field("dpo", description="folder under the run folder: reference.jsonl, checkpoint/, model/, "
+                        "metrics.jsonl (online: online.jsonl)")
+    beta: float = Field(0.1, gt=0, description="strength of the pull toward the reference (DPO's beta)")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO's logistic loss against the soft label p (p = 1: Rafailov et al. 2023); "
+        "ipo: squared loss of the log-ratio margin toward (2p - 1) / (2 beta) (Azar et al. 2023)")
+    soft_labels: bool = Field(True, description="train toward p_chosen; false: every pair counts as p = 1")
+    nll_coef: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen reply (per token), against "
+                            "the drop of the chosen reply's likelihood; 0 = off")
+    epochs: int = Field(1, ge=1, description="offline: passes over the training pairs")
+    batch_size: int = Field(8, ge=1, description="pairs per optimiser step (online: prompts per step)")
+    max_length: int = Field(512, ge=8, description="tokens per prompt + response; the prompt keeps its end, the reply its start")
+    held_out: float = Field(0.1, ge=0, lt=1, description="share of the prompts kept out for preference accuracy")
+    share_prompt: bool = Field(True, description="run a pair's shared prompt through the model once for both replies")
+    lr: float = Field(5e-6, gt=0, description="peak learning rate (AdamW)")
+    checkpoint_every: int = Field(50, ge=1, description="optimiser steps between resumable checkpoints")
+    online: bool = Field(False, description="online AI feedback: each step the policy samples `samples` replies per "
+                         "prompt, the judge labels every pair of them in both orders, and DPO steps on those pairs")
+    samples: int = Field(2, ge=2, le=8, description="online: replies sampled per prompt each step")
+    steps: int = Field(20, ge=1, description="online: optimiser steps")
+    prompts: Path | None = Field(None, description="online: JSONL of {'prompt': ...} (none: the run's tasks)")
+    response_length: int = Field(64, ge=1, description="online: tokens sampled per reply")
+    temperature: float = Field(0.9, gt=0, description="online: sampling temperature")
 
 
 class RerankConfig(Strict):
