@@ -1,4 +1,4 @@
-"""``factory train sft|rm|ppo``: one trainer each, run through the same entry as ``factory run``
+"""``factory train sft|rm|ppo|dpo``: one trainer each, run through the same entry as ``factory run``
 (``factory.pipeline.run_stages``), so a trainer writes the run's manifest and its inputs are
 checked before any model loads."""
 
@@ -16,9 +16,10 @@ from factory.cli.common import config_opt, load_run_config, name_opt, pickle_opt
 @click.group()
 def train():
     """Train on the run's data: SFT on sft.jsonl, a reward model on preferences.jsonl,
-    then a policy against the reward model with PPO.
+    then a policy against the reward model (or the judge) with PPO, or straight from the
+    pairs (or from the judge, online) with DPO.
 
-    Each trainer writes into its own folder of the run (sft/, rm/, policy/): a resumable
+    Each trainer writes into its own folder of the run (sft/, rm/, policy/, dpo/): a resumable
     checkpoint/, the final model/, and metrics.jsonl. A killed run picks up from its last
     checkpoint when started again; a finished one is left as it is.
     """
@@ -82,8 +83,29 @@ def train_ppo(config, overrides, name, allow_pickle):
     starting policy.
 
     The policy starts from the run's sft/model (or the embedded model), the value model
-    from the reward model (rm/model); prompts are the run's tasks. Settings: [ppo]. Writes
+    from the reward model (rm/model); prompts are the run's tasks. With ppo.reward=judge
+    the judge (judge.backend) scores each rollout against the starting policy's reply, no
+    reward model needed; ppo.advantage=rloo or grpo uses group baselines over
+    ppo.samples rollouts per prompt instead of a value model. Settings: [ppo]. Writes
     policy/model/, which can generate the next round (hf:outputs/RUN/policy/model),
     policy/metrics.jsonl and sample generations in policy/samples.jsonl.
     """
     run_trainer("ppo", config, overrides, name, allow_pickle)
+
+
+@train.command("dpo")
+@train_options
+@user_errors
+def train_dpo(config, overrides, name, allow_pickle):
+    """Direct preference optimisation on the run's preference pairs, or online.
+
+    Offline: the pairs are preferences.jsonl (or dpo.pairs); the loss takes each pair's soft
+    label p_chosen as its target (p = 1 is plain DPO; dpo.loss=ipo for IPO). The reference
+    model's log-probs are computed once, before training, into dpo/reference.jsonl; held-out
+    preference accuracy and margins are logged each epoch. Online (dpo.online=true): each step
+    the policy samples dpo.samples replies per prompt, the judge (judge.backend, under
+    judge.constitution) labels every pair in both orders, and DPO steps on them; every sample
+    and label goes to dpo/online.jsonl. The policy starts from the run's sft/model (or the
+    embedded model). Settings: [dpo]. Writes dpo/model/ (hf:outputs/RUN/dpo/model).
+    """
+    run_trainer("dpo", config, overrides, name, allow_pickle)
