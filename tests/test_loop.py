@@ -32,6 +32,8 @@ def loop_config(folder: Path, model: Path, rounds: int = 2, stages=("critique", 
         "backend": {"spec": f"hf:{model}", "batch_size": 16, "device": "cpu"},
         "critique": {"prompts": str(prompts), "params": {"max_tokens": 6}},
         "rm": {"model": str(model), "batch_size": 2, "held_out": 0.2, "device": "cpu", "lr": 1e-3},
+        "dpo": {"model": str(model), "batch_size": 2, "held_out": 0.2, "max_length": 64, "device": "cpu", "lr": 1e-3,
+                "prompts": str(prompts), "steps": 2, "response_length": 6, "checkpoint_every": 1},
         "ppo": {"policy": str(model), "prompts": str(prompts), "steps": 2, "batch_size": 2, "mini_batch_size": 2,
                 "ppo_epochs": 1, "response_length": 6, "max_prompt_length": 32, "eval_prompts": 2, "eval_every": 2,
                 "checkpoint_every": 2, "device": "cpu", "lr": 1e-3},
@@ -93,8 +95,50 @@ def test_two_rounds(tmp_path, tiny_model):
     assert "critique: 0 written" in again.output and "nothing to do" in again.output
 
 
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_two_rounds_of_dpo(tmp_path, tiny_model, online):
+    stages = ("critique", "dpo") if online else ("critique", "judge", "dpo")
+    config = loop_config(tmp_path, tiny_model, stages=stages)
+    args = ["run", str(config), "--show", "0"] + (["--set", "dpo.online=true"] if online else [])
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "outputs" / "loop"
+    first, second = RunLayout(run).round_dirs()
+    for folder in (first, second):
+        assert (folder / "dpo" / "model" / "config.json").is_file()
+        summary = json.loads((folder / "dpo" / "summary.json").read_text())
+        assert summary["steps"] > 0
+        if online:
+            assert len(rows(folder / "dpo" / "online.jsonl")) == 2
+        else:
+            assert len(rows(folder / "dpo" / "reference.jsonl")) == 1 + len(rows(folder / "preferences.jsonl"))
+    # Round 2 answers with round 1's DPO policy and starts its DPO from it (its reference too).
+    policy_1 = first / "dpo" / "model"
+    assert str(policy_1) in {r.model for r in read_jsonl(second / "revisions.jsonl", Revision)}.pop()
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["backend"]["generator"] == f"hf:{policy_1}" and manifest["config"]["dpo"]["model"] == str(policy_1)
+    weights = [load_file(f / "model.safetensors") for f in (tiny_model, policy_1, second / "dpo" / "model")]
+    for before, after in zip(weights, weights[1:]):
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    # The policy answers through hf:RUN/dpo/model; a rerun does no work.
+    from factory.llm import load_backend
+    from factory.llm.base import GenParams
+    from factory.llm.settings import BackendConfig
+
+    backend = load_backend(BackendConfig(spec=f"hf:{second / 'dpo' / 'model'}", device="cpu"))
+    try:
+        assert backend.generate([[{"role": "user", "content": "Hi"}]], GenParams(max_tokens=4, temperature=0))[0]
+    finally:
+        backend.close()
+    before = {p: p.read_bytes() for p in run.rglob("*.jsonl")}
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0, again.output
+    assert {p: p.read_bytes() for p in run.rglob("*.jsonl")} == before
+    assert "already finished" in again.output
+
+
 def test_rounds_need_ppo(tmp_path, tiny_model):
-    with pytest.raises(ConfigError, match="rounds = 2 needs the ppo stage"):
+    with pytest.raises(ConfigError, match="rounds = 2 needs the ppo or dpo stage"):
         load_config(loop_config(tmp_path, tiny_model, stages=("critique", "judge", "rm")))
 
 
