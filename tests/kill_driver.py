@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-TRAINERS = ("sft", "rm", "ppo")
+TRAINERS = ("sft", "rm", "ppo", "dpo")
 
 
 def primary_file(stage: str, cfg) -> Path:
@@ -54,7 +54,9 @@ def primary_file(stage: str, cfg) -> Path:
     }
     if stage in names:
         return names[stage]
-    return {"sft": layout.sft, "rm": layout.rm, "ppo": layout.policy}[stage].metrics
+    if stage == "dpo" and cfg.dpo.online:
+        return layout.dpo.online  # the judge's labels: a call is written once its step's line is
+    return {"sft": layout.sft, "rm": layout.rm, "ppo": layout.policy, "dpo": layout.dpo}[stage].metrics
 
 
 def complete_bytes(path: Path) -> int:
@@ -117,9 +119,9 @@ def checkpoint_step(out: Path) -> int:
 
 def log_metrics(log: CallLog) -> None:
     """Make each trainer's metrics rows also log a ``step`` event, once the row is written."""
-    from factory.train import ppo, reward, sft
+    from factory.train import dpo, ppo, reward, sft
 
-    for module in (sft, reward, ppo):
+    for module in (sft, reward, ppo, dpo):
         real = module.Metrics
         if getattr(real, "logged_for_kill_test", False):
             continue
@@ -153,8 +155,14 @@ def run(stage: str, config: Path, run_dir: Path, call_log: Path) -> int:
     st = stage_object(stage)
     if st.trains:
         log_metrics(log)
+        backend = load_backend(cfg.backend) if st.roles(cfg) else None  # a trainer that asks the judge
+        counting = CountingBackend(backend, log) if backend is not None else None
         log.event("start", ckpt_step=checkpoint_step(run_dir / getattr(cfg, stage).output))
-        st.run(Context(cfg, RunLayout.of(cfg), models=lambda role, lazy: None, echo=print))
+        try:
+            st.run(Context(cfg, RunLayout.of(cfg), models=lambda role, lazy: counting, echo=print))
+        finally:
+            if backend is not None:
+                backend.close()
     else:
         backend = load_backend(cfg.backend)
         counting = CountingBackend(backend, log)  # one model for every role: one backend

@@ -558,7 +558,7 @@ def run_trainer(server, seed, stage: str, config: dict, folder: Path, tolerance:
     import torch
 
     config_path = write_config(folder, config)
-    output = config[stage].get("output", {"sft": "sft", "rm": "rm", "ppo": "policy"}[stage])
+    output = config[stage].get("output", {"sft": "sft", "rm": "rm", "ppo": "policy", "dpo": "dpo"}[stage])
     ref_dir = folder / "reference"
     # The series needs the step count first: the reference run's own (its last checkpoint's).
     holder = {}
@@ -662,3 +662,29 @@ def test_ppo(server, seed, tmp_path, tiny_model, reward_dir):
                       "checkpoint_every": 1, "lr": 1e-3}}
     run_trainer(server, seed, "ppo", config, tmp_path, {"rtol": 0.0, "atol": 1e-6},
                 ["model/model.safetensors", "checkpoint/value.safetensors"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_online_dpo(server, seed, tmp_path, tiny_model):
+    """Online DPO asks the judge at every step: killed anywhere, a resumed run asks it nothing whose
+    labels online.jsonl already holds, repeats no checkpointed step, and ends with the same weights."""
+    config = {**base_config("dpo", f"hf:{tiny_model}", 16),
+              "judge": {"constitution": str(ROOT / "principles" / "harmless.yaml")},
+              "dpo": {"model": str(tiny_model), "online": True, "prompts": str(prompts_file(tmp_path)), "device": "cpu",
+                      "steps": 10, "batch_size": 2, "samples": 3, "response_length": 6, "max_length": 64,
+                      "temperature": 1.5, "checkpoint_every": 1, "lr": 1e-3}}
+    figures = run_trainer(server, seed, "dpo", config, tmp_path, {"rtol": 0.0, "atol": 1e-6},
+                          ["model/model.safetensors"])
+    repeated, calls = [], 0
+    for log in figures["logs"]:
+        events = read_log(log)
+        calls += sum(e["ev"] == "call" for e in events)
+        repeated += repeated_written(events)
+    print(f"FIGURES kill: stage=dpo-online judge_calls={calls} repeated_written={len(repeated)}")
+    assert calls and not repeated, f"online dpo: judge requests asked again after their labels were written: {repeated[:5]}"
+    for run_dir in figures["dirs"]:  # the same samples and labels as the uninterrupted run, each step once
+        got = metric_rows(run_dir / "dpo" / "online.jsonl")
+        want = metric_rows(tmp_path / "reference" / "dpo" / "online.jsonl")
+        assert [r["step"] for r in got] == list(range(1, 11))
+        assert [r["samples"] for r in got] == [r["samples"] for r in want]

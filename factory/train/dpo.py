@@ -590,7 +590,7 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
                     prompt, ids_ = reply_ids(tok, messages[i], reply, ends_set)
                     sides.append(cut(prompt, ids_, dc.max_length, ends_set))
                 batch.append(Pair(sides[0], sides[1], p if dc.soft_labels else 1.0, i))
-        values = {"judge/calls": row["judge_calls"], "pairs": len(batch)}
+        values = {"train/loss": None, "judge/calls": row["judge_calls"], "pairs": len(batch)}  # None: no pair
         opt.zero_grad(set_to_none=True)
         grad_norm = 0.0
         if batch:
