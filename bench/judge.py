@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from factory.constitution import Principle, load_constitution, render
-from factory.judge import LETTERS, Group, judge_groups, judge_messages, presentations
+from factory.comparisons import LETTERS, Group, judge_groups, judge_messages, presentations
 from factory.llm.hf import HFBackend
 from factory.preferences import import_hh, prompt_text
 

@@ -2,7 +2,7 @@
 
 Online DPO (Guo et al. 2024, "online AI feedback") labels every pair of a prompt's fresh samples,
 and PPO can take the judge's verdict as its reward with no reward model (Lee et al. 2023, "direct
-RLAIF"). Both ask the judge stage's own code (``judge.judge_groups``): the same prompt, principles
+RLAIF"). Both ask the judge stage's own code (``comparisons.judge_groups``): the same prompt, principles
 drawn by weight, every pair shown in both orders and the letter probabilities averaged, so a
 label is a soft P(i is better than j) with the judge's position bias cancelled.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from factory.constitution import Constitution, Principle, load_constitution, render
-from factory.judge import JUDGE_SYSTEM, Group, draw_principles, judge_groups
+from factory.comparisons import JUDGE_SYSTEM, Group, draw_principles, judge_groups
 from factory.llm.base import Backend, Messages
 from factory.preferences import prompt_text
 

@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from tqdm import tqdm
 
 from factory.constitution import Constitution
-from factory.judge import Group, draw_principles, judge_groups
+from factory.comparisons import Group, draw_principles, judge_groups
 from factory.llm.base import Backend
 from factory.llm.settings import BackendConfig
 from factory.records import Comparison, Preference, Strict, error_text

@@ -10,7 +10,7 @@ import pytest
 
 from factory.config import load_config
 from factory.constitution import Constitution, Principle
-from factory.judge import (
+from factory.comparisons import (
     ANSWER_PREFILL,
     COT_ANSWER,
     JUDGE_SYSTEM,
@@ -19,10 +19,9 @@ from factory.judge import (
     draw_principles,
     judge_groups,
     judge_messages,
-    preferences,
     presentations,
-    run_judge,
 )
+from factory.judge import preferences, run_judge
 from factory.llm.scripted import ScriptedBackend
 from factory.records import Comparison, Judgment, Preference
 from factory.store import StoreError, read_jsonl

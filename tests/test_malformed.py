@@ -30,7 +30,7 @@ from factory.config import BootstrapConfig, ConfigError, load_config
 from factory.constitution import ConstitutionError, load_constitution, render
 from factory.inputs import input_objects, load_prompts, load_responses
 from factory.instances import filter_instances, parse_instances, parse_pairs
-from factory.judge import answer_messages, judge_messages
+from factory.comparisons import answer_messages, judge_messages
 from factory.pipeline import check_inputs
 from factory.preferences import PreferenceFormatError, import_hh, import_votes, parse_dialogue
 from factory.records import Preference

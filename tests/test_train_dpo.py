@@ -22,7 +22,7 @@ from factory.train import TrainError
 from factory.train import dpo as D
 from factory.train.models import load_causal_lm, load_tokenizer
 from factory.train.optim import seed_all
-from factory.train.reward import make_pairs
+from factory.train.pairs import make_pairs
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")

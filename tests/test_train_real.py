@@ -128,3 +128,40 @@ def test_sft_rm_ppo_and_rerank_on_the_real_model(judged, hf_embedded):
     cfg = load_config(judged)
     summary = run_rerank(cfg, hf_embedded, RunLayout.of(cfg, run_dir))
     assert summary.written == 2
+
+
+def test_dpo_offline_and_online_on_the_real_model(judged):
+    """`factory train dpo` from the judge's pairs, then online DPO judged by the real embedded model;
+    each policy answers through hf:RUN/dpo/model."""
+    from factory.llm.base import GenParams
+    from factory.llm.hf import HFBackend
+
+    run_dir = load_config(judged).run_dir
+    base = ["--set", "dpo.model=embedded", "--set", "dpo.batch_size=2", "--set", "dpo.max_length=160",
+            "--set", "dpo.held_out=0.34"]
+    summary = _train_with(judged, "dpo", *base)
+    assert summary["steps"] > 0 and summary["accuracy"] is not None
+    rows = _metrics(run_dir / "dpo/metrics.jsonl")
+    assert all(math.isfinite(r["rewards/margins"]) for r in rows if "rewards/margins" in r)
+    assert len((run_dir / "dpo/reference.jsonl").read_text().splitlines()) == 1 + summary["pairs"]["train"] + \
+        summary["pairs"]["held_out"]
+
+    online = _train_with(judged, "dpo", *base, "--set", "dpo.online=true", "--set", "dpo.output=dpo-online",
+                         "--set", f"dpo.prompts={REPO / 'seeds/red_team_prompts.jsonl'}", "--set", "dpo.steps=2",
+                         "--set", "dpo.response_length=12", "--set", "dpo.samples=2")
+    assert online["steps"] == 2
+    steps = [json.loads(line) for line in (run_dir / "dpo-online/online.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["judge_calls"] == 2 * 2 for s in steps)
+    for folder in ("dpo", "dpo-online"):
+        policy = HFBackend(str(run_dir / folder / "model"), device="cpu")
+        try:
+            out = policy.generate([[{"role": "user", "content": "Name a colour."}]], GenParams(max_tokens=8, temperature=0))
+        finally:
+            policy.close()
+        assert out[0][0].text.strip()
+
+
+def _train_with(config: Path, trainer: str, *args: str) -> dict:
+    result = CliRunner().invoke(cli, ["train", trainer, "--config", str(config), *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{"):])

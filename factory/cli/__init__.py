@@ -5,7 +5,7 @@ validation) and calls one function of the package. The commands live by family:
 
 - ``stages``: ``run`` and one command per data stage (generate, bootstrap, instances, critique,
   judge, rerank);
-- ``training``: ``train sft|rm|ppo``, through the same entry as ``run`` (manifest, input checks);
+- ``training``: ``train sft|rm|ppo|dpo``, through the same entry as ``run`` (manifest, input checks);
 - ``judging``: ``judge-eval``;
 - ``files``: ``principles check|import`` and ``pairs import|export``;
 - ``outputs``: ``export``, ``report``, ``config`` and ``prepare``;

@@ -77,7 +77,7 @@ from factory.train.metrics import Metrics
 from factory.train.models import add_lora, end_ids, is_model, load_causal_lm, load_tokenizer, resolve_model
 from factory.train.optim import make_optimizer, seed_all
 from factory.train.precision import autocast, checkpoint_activations, compute_dtype, float32_logits, releases_memory
-from factory.train.reward import Pair, epoch_batches, make_pairs, split_by_prompt
+from factory.train.pairs import Pair, epoch_batches, make_pairs, split_by_prompt
 from factory.train.scoring import Seq, cut, pack, reply_ids
 from factory.train.settings import DPOConfig
 
