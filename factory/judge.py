@@ -155,7 +155,9 @@ def run_judge(cfg: "RunConfig", backend: Backend, layout: "RunLayout", generator
         "model": backend.model_id,
         **({"generator": generator.model_id} if generator is not backend and jc.candidates == "samples" else {}),
         "constitution": file_sha256(jc.constitution),
-        "config": jc.model_dump(mode="json", exclude={"constitution", "responses", "prompts", "limit", "min_confidence"}),
+        # (judge.backend is named by the model id above: a run that sets it to the run's own model keeps its keys)
+        "config": jc.model_dump(mode="json", exclude={"constitution", "responses", "prompts", "limit", "min_confidence",
+                                                      "backend"}),
     }
     items = load_items(cfg, layout, settings)
     store = Store(layout.judgments, Judgment)

@@ -137,6 +137,26 @@ def test_two_rounds_of_dpo(tmp_path, tiny_model, online):
     assert "already finished" in again.output
 
 
+def test_ppo_with_the_judge_as_reward_and_rloo(tmp_path, tiny_model):
+    """`factory run` with PPO and no reward model: the judge scores each rollout against the rest of
+    its group (rloo), two rounds; round 2's policy starts from round 1's."""
+    config = loop_config(tmp_path, tiny_model, stages=("critique", "ppo"))
+    args = ["run", str(config), "--show", "0", "--set", "ppo.reward=judge", "--set", "ppo.advantage=rloo",
+            "--set", "ppo.samples=2", "--set", "ppo.batch_size=4", "--set", "ppo.no_eos_score=null"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "outputs" / "loop"
+    first, second = RunLayout(run).round_dirs()
+    for folder in (first, second):
+        steps = [r for r in rows(folder / "policy" / "metrics.jsonl") if "objective/kl" in r]
+        assert [r["step"] for r in steps] == [1, 2]
+        assert steps[0]["judge/calls"] == 2 * 2  # 2 prompts, 1 pair each, both orders (step 2 evaluates too)
+        assert not (folder / "policy" / "checkpoint" / "value.safetensors").exists()  # rloo: no value model
+        assert (folder / "policy" / "model" / "config.json").is_file()
+    manifest = json.loads((second / "manifest.json").read_text())
+    assert manifest["config"]["ppo"]["policy"] == str(first / "policy" / "model")
+
+
 def test_rounds_need_ppo(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="rounds = 2 needs the ppo or dpo stage"):
         load_config(loop_config(tmp_path, tiny_model, stages=("critique", "judge", "rm")))

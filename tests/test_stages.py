@@ -23,7 +23,7 @@ def test_every_stage_the_config_names_is_listed_once_with_its_own_section():
         st = stage(name)
         assert isinstance(st, StageBase) and st.name == name
         assert st.section in RunConfig.model_fields
-        assert st.trains == (name in ("sft", "rm", "ppo"))
+        assert st.trains == (name in ("sft", "rm", "ppo", "dpo"))
 
 
 def config(tmp_path: Path, stages: list[str], *extra: str) -> RunConfig:

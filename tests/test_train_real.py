@@ -165,3 +165,16 @@ def _train_with(config: Path, trainer: str, *args: str) -> dict:
     result = CliRunner().invoke(cli, ["train", trainer, "--config", str(config), *args])
     assert result.exit_code == 0, result.output
     return json.loads(result.output[result.output.index("{"):])
+
+
+def test_ppo_with_the_judge_as_reward_and_rloo_on_the_real_model(judged):
+    """No reward model: the embedded model judges each rollout against the rest of its group."""
+    run_dir = load_config(judged).run_dir
+    summary = _train_with(judged, "ppo", "--set", "ppo.policy=embedded", "--set", "ppo.reward=judge",
+                          "--set", "ppo.advantage=rloo", "--set", "ppo.samples=2", "--set", "ppo.batch_size=4",
+                          "--set", "ppo.output=policy-judge")
+    assert summary["steps"] == 2
+    steps = [r for r in _metrics(run_dir / "policy-judge/metrics.jsonl") if "objective/kl" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss/policy"]) and r["judge/calls"] > 0 for r in steps)
+    assert all(-1 <= r["objective/scores"] <= 1 for r in steps)
+    assert (run_dir / "policy-judge/model/config.json").is_file()

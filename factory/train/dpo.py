@@ -495,7 +495,7 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
     from factory.inputs import load_prompts
     from factory.store import StoreError
     from factory.train.chat import prompt_ids
-    from factory.train.ppo import batch_rows, left_pad, sample, truncate_after_eos
+    from factory.train.rollout import batch_rows, left_pad, sample, truncate_after_eos
 
     folder = layout.dpo
     try:

@@ -73,13 +73,15 @@ import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 import torch
 from torch import nn
 
+from factory.feedback import Labeller, rating_reward, win_rates
 from factory.layout import RunLayout, TrainerFolder
-from factory.stage import Context, Need, Stage
+from factory.records import Record, work_key
+from factory.stage import Context, Need, Role, Stage
 from factory.train import TrainError
 from factory.train.chat import chat_ids, length_mask, pad_right, prompt_ids, read_messages
 from factory.train.checkpoints import load_checkpoint, save_checkpoint, saved_state
@@ -103,6 +105,8 @@ from factory.train.precision import (
     float32_logits,
     releases_memory,
 )
+from factory.store import Store, fixed_batches
+from factory.train.rollout import batch_rows, left_pad, positions, sample, truncate_after_eos
 from factory.train.settings import PPOConfig
 
 if TYPE_CHECKING:
@@ -131,20 +135,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     if not shift_mean:
         out = out + mean
     return torch.where(mask, out, 0)
-
-
-def truncate_after_eos(responses: torch.Tensor, eos_ids: torch.Tensor, pad_id: int):
-    """(responses with every token after the first end-of-turn token replaced by pad, lengths incl.
-    that token, whether each row has one). ``eos_ids``: every id that ends a turn (EOS, and Gemma's
-    ``<end_of_turn>`` or ChatML's ``<|im_end|>`` where they differ; ``models.end_ids``). A row
-    without one keeps its full length."""
-    width = responses.shape[1]
-    is_eos = torch.isin(responses, eos_ids)
-    has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.int().argmax(dim=1), width - 1)
-    lengths = first + 1
-    keep = torch.arange(width, device=responses.device)[None, :] < lengths[:, None]
-    return torch.where(keep, responses, pad_id), lengths, has_eos
 
 
 def apply_no_eos_score(scores: torch.Tensor, has_eos: torch.Tensor, no_eos_score: float | None) -> torch.Tensor:
@@ -220,63 +210,100 @@ class KLController:
         self.value = float(state["value"])
 
 
-def batch_rows(n: int, size: int, index: int, seed: int) -> list[int]:
-    """Rows of the ``index``-th batch of ``size`` from an endless stream of seeded permutations of
-    ``range(n)``: a pure function of the step, so a resumed run draws the same batches."""
-    rows: list[int] = []
-    start = index * size
-    while len(rows) < size:
-        epoch, offset = divmod(start + len(rows), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        rows += perm[offset: offset + size - len(rows)]
-    return rows
+def rloo_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024): each return
+    minus the mean return of the other ``k - 1`` samples of its prompt. ``returns``: (n,), the ``k``
+    samples of a prompt adjacent (n a multiple of k, k >= 2)."""
+    groups = returns.view(-1, k)
+    baseline = (groups.sum(1, keepdim=True) - groups) / (k - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def grpo_advantages(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024): (R - mean) / (std + 1e-8) within the
+    ``k`` adjacent samples of each prompt.
+
+    The std is the group's population std (divided by k, not k - 1): the group is all there is to
+    normalise, not a sample of a larger one, and two samples then get exactly +1 and -1 whatever
+    their gap. (TRL's GRPOTrainer takes torch's unbiased std, which only scales every advantage by
+    sqrt((k - 1) / k).) A group whose returns are all equal gets 0."""
+    groups = returns.view(-1, k)
+    mean = groups.mean(1, keepdim=True)
+    std = groups.std(1, unbiased=False, keepdim=True)
+    return ((groups - mean) / (std + 1e-8)).reshape(-1)
+
+
+# -- the judge as the reward -----------------------------------------------------------------------
+
+
+def _user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def pairwise_rewards(labeller: Labeller, prompts: Sequence[str], replies: Sequence[str],
+                     references: Sequence[str], draw_keys: Sequence[str]) -> list[float]:
+    """2p - 1 for each reply, p = P(reply beats the reference reply to its prompt), judged in both
+    orders under the principles drawn for its ``draw_keys`` entry (one batched judge call)."""
+    matrices = labeller.compare([_user(p) for p in prompts], [[r, ref] for r, ref in zip(replies, references)],
+                                draw_keys)
+    return [2 * m[0][1] - 1 for m in matrices]
+
+
+def group_rewards(labeller: Labeller, prompts: Sequence[str], replies: Sequence[str], k: int,
+                  draw_keys: Sequence[str]) -> list[float]:
+    """2p - 1 for each reply, p = its mean P(beats) against the other replies of its group (every
+    pair, both orders: ``feedback.win_rates``). ``replies``: ``k`` adjacent replies per entry of
+    ``prompts`` and ``draw_keys`` (one per group)."""
+    groups = [list(replies[g * k: (g + 1) * k]) for g in range(len(prompts))]
+    matrices = labeller.compare([_user(p) for p in prompts], groups, draw_keys)
+    return [2 * p - 1 for m in matrices for p in win_rates(m)]
+
+
+def rating_rewards(labeller: Labeller, prompts: Sequence[str], replies: Sequence[str],
+                   draw_keys: Sequence[str]) -> list[float]:
+    """The judge's expected 1-10 rating of each reply, mapped onto [-1, 1] (``feedback.rating_reward``)."""
+    return [rating_reward(r) for r in labeller.rate([_user(p) for p in prompts], replies, draw_keys)]
+
+
+class JudgeReward:
+    """The judge as PPO's reward (``ppo.reward`` = judge or judge-score), and what asking it cost.
+
+    Called with one prompt, reply and draw key per rollout: ``judge-score`` rates each reply;
+    ``judge`` compares each with its reference reply when ``references`` are given, else each group of
+    ``group`` adjacent replies (the samples of one prompt) among themselves. ``take`` returns the
+    judge requests and seconds spent since it was last called (``judge/calls``, ``time/judge_s``)."""
+
+    def __init__(self, labeller: Labeller, kind: Literal["judge", "judge-score"], group: int = 1):
+        self.labeller, self.kind, self.group = labeller, kind, group
+        self.seconds, self.seen = 0.0, labeller.calls
+
+    def __call__(self, prompts: Sequence[str], replies: Sequence[str], draw_keys: Sequence[str],
+                 references: Sequence[str] | None = None) -> list[float]:
+        t0 = time.time()
+        try:
+            if self.kind == "judge-score":
+                return rating_rewards(self.labeller, prompts, replies, draw_keys)
+            if references is not None:
+                return pairwise_rewards(self.labeller, prompts, replies, references, draw_keys)
+            k = self.group
+            return group_rewards(self.labeller, prompts[::k], replies, k, draw_keys[::k])
+        finally:
+            self.seconds += time.time() - t0
+
+    def take(self) -> dict:
+        out = {"time/judge_s": self.seconds, "judge/calls": self.labeller.calls - self.seen}
+        self.seconds, self.seen = 0.0, self.labeller.calls
+        return out
+
+
+class ReferenceReply(Record):
+    """One line of ``reference.jsonl``: the starting policy's greedy reply to a prompt (reward = judge)."""
+
+    prompt: str
+    reply: str
 
 
 # -- model calls --------------------------------------------------------------------------------
-
-
-def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
-    return ids, mask
-
-
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    # Left padding shifts every row; position ids count real tokens only, so a prompt sees the
-    # same positions whatever its padding (TRL's `forward` does the same).
-    return (mask.cumsum(1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def sample(model, ids, mask, n_tokens: int, temperature: float, eos_ids: torch.Tensor, greedy: bool = False):
-    """(responses, log-probs of the sampled tokens) of left-padded prompts, with the KV cache.
-
-    Pure temperature sampling: no top-k, no top-p, no minimum length (as summarize_from_feedback_details
-    and TRL sample: any other processing makes the rollout's log-probs differ from what the update
-    recomputes). Every row samples up to ``n_tokens``; the loop stops early only once every
-    row has produced an end-of-turn token (one of ``eos_ids``), since later tokens are cut by step 2 anyway. Log-probs are of the
-    temperature-scaled distribution, as in the update.
-    """
-    pos = positions(mask)
-    # logits_to_keep=1: the prompt's other positions need no vocabulary projection.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    next_pos = pos[:, -1:] + 1
-    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-    tokens, logps = [], []
-    for t in range(n_tokens):
-        logp = torch.log_softmax(out.logits[:, -1].float() / temperature, dim=-1)
-        tok = logp.argmax(-1) if greedy else torch.multinomial(logp.exp(), 1).squeeze(1)
-        tokens.append(tok)
-        logps.append(logp.gather(1, tok[:, None]).squeeze(1))
-        done |= torch.isin(tok, eos_ids)
-        if t == n_tokens - 1 or bool(done.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=out.past_key_values, use_cache=True)
-        next_pos = next_pos + 1
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
 
 
 def response_logprobs(model, ids, mask, n_resp: int, temperature: float):
@@ -363,10 +390,13 @@ def _summary(folder: TrainerFolder) -> dict:
 
 @releases_memory
 def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
-            echo: Callable[[str], None] = print) -> dict:
-    """Optimise a policy against a reward model (default: the run's SFT model and reward model) into
-    ``layout.policy``; returns the summary (also in ``layout.policy.summary``). A run that finished
-    its ``steps`` returns its summary at once; more steps than it ran continue it from its checkpoint."""
+            echo: Callable[[str], None] = print, labeller: Labeller | None = None) -> dict:
+    """Optimise a policy (default: the run's SFT model) into ``layout.policy`` against a reward
+    model (default: the run's, ``reward = model``) or the judge (``reward = judge | judge-score``:
+    ``labeller`` asks it, and is required then); returns the summary (also in ``layout.policy.summary``).
+    A run that finished its ``steps`` returns its summary at once; more steps than it ran continue
+    it from its checkpoint. A judge reward and the group baselines (``advantage = rloo | grpo``) run
+    on a single process only for now."""
     from tqdm import tqdm
 
     pc = settings
@@ -375,6 +405,14 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
     if pc.batch_size % dist.world or pc.mini_batch_size % dist.world:
         raise TrainError(f"ppo.batch_size ({pc.batch_size}) and ppo.mini_batch_size ({pc.mini_batch_size}) must be "
                          f"multiples of the number of processes ({dist.world}): each process takes an equal share")
+    judged, grouped = pc.reward != "model", pc.advantage != "gae"
+    if dist.world > 1 and (judged or grouped):
+        raise TrainError(f"ppo.reward = {pc.reward!r} with ppo.advantage = {pc.advantage!r} runs on a single process "
+                         f"only for now ({dist.world} were launched): run one process, or set ppo.reward = 'model' "
+                         "and ppo.advantage = 'gae'")
+    if grouped and pc.whiten_rewards:
+        raise TrainError(f"ppo.whiten_rewards whitens the per-token rewards GAE reads; ppo.advantage = "
+                         f"{pc.advantage!r} has no GAE: set ppo.whiten_rewards = false")
     folder = layout.policy
     saved = saved_state(folder.checkpoint)
     # (a run finished before trainers wrote summary.json: its summary comes from its metrics)
@@ -382,35 +420,57 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
     if done is not None:
         echo(f"ppo: {folder.root} already holds a finished run of {pc.steps} steps; nothing to do")
         return done
-    rm_path = Path(pc.reward_model) if pc.reward_model else layout.rm_model
-    if not is_model(rm_path):
-        raise TrainError(f"no reward model at {rm_path}: run `factory train rm` first (or set ppo.reward_model)")
+    rm_path = None
+    if judged:
+        if labeller is None:
+            raise TrainError(f"ppo.reward = {pc.reward!r} needs the judge, but no labeller was given (the ppo stage "
+                             "of `factory run` / `factory train ppo` passes judge.backend's); or set ppo.reward = 'model'")
+    else:
+        rm_path = Path(pc.reward_model) if pc.reward_model else layout.rm_model
+        if not is_model(rm_path):
+            raise TrainError(f"no reward model at {rm_path}: run `factory train rm` first (or set ppo.reward_model)")
     seed_all(pc.seed)
 
-    # -- models: policy, reference, reward, value (dropout off in all: models.no_dropout) --
+    # -- models: policy, reference, reward (reward = model), value (gae) (dropout off in all: models.no_dropout) --
     policy_path, policy_id = _policy_path(pc, layout)
     tok = load_tokenizer(policy_path)
-    if (rm_path / "tokenizer.json").is_file() and load_tokenizer(str(rm_path)).get_vocab() != tok.get_vocab():
+    if rm_path is not None and (rm_path / "tokenizer.json").is_file() \
+            and load_tokenizer(str(rm_path)).get_vocab() != tok.get_vocab():
         raise TrainError(f"the reward model {rm_path} and the policy {policy_path} use different tokenizers")
     policy = load_causal_lm(policy_path, device, tok, allow_pickle=allow_pickle).eval()
-    rm = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=allow_pickle).eval()
-    rm.requires_grad_(False)
+    rm: ScalarModel | None = None
+    value: ScalarModel | None = None
+    as_rm = nullcontext
+    if rm_path is not None:
+        rm = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=allow_pickle).eval()
+        rm.requires_grad_(False)
     if pc.lora.r:
         # One frozen base per backbone: the policy's adapters off = the reference; the value
         # model's adapters (on the reward model's backbone) off = the reward model.
         policy = add_lora(policy, pc.lora, "policy")
-        value = ScalarModel(add_lora(rm.backbone, pc.lora, "value"), bias=rm.bias).to(device).eval()
-        value.head.load_state_dict(rm.head.state_dict())
-        ref, as_ref, as_rm = policy, policy.disable_adapter, value.backbone.disable_adapter
+        if rm is not None and not grouped:
+            value = ScalarModel(add_lora(rm.backbone, pc.lora, "value"), bias=rm.bias).to(device).eval()
+            value.head.load_state_dict(rm.head.state_dict())
+            as_rm = value.backbone.disable_adapter
+        ref, as_ref = policy, policy.disable_adapter
     else:
         ref = copy.deepcopy(policy).requires_grad_(False)
-        value = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=allow_pickle).eval()  # the value model starts as the RM
-        as_ref = as_rm = nullcontext
+        if rm is not None and not grouped:
+            value = ScalarModel.from_pretrained(rm_path, device, tok, allow_pickle=allow_pickle).eval()  # the value model starts as the RM
+        as_ref = nullcontext
+    if value is None and not grouped:
+        # A judge reward has no reward model to start the value model from: the starting policy's
+        # backbone with a fresh head (a plain causal LM folder has none: ScalarModel.from_pretrained).
+        value = ScalarModel.from_pretrained(policy_path, device, tok, allow_pickle=allow_pickle)
+        if pc.lora.r:
+            value.backbone = add_lora(value.backbone, pc.lora, "value")
+        value = value.to(device).eval()
     if pc.gradient_checkpointing:
         # What gets gradients: the policy and the value model's backbone (with LoRA, the shared bases
         # of the reference and the reward model too, which run without gradients: nothing changes there).
         checkpoint_activations(policy)
-        checkpoint_activations(value.backbone)
+        if value is not None:
+            checkpoint_activations(value.backbone)
     # Weights in float32; forward passes in bf16 on CUDA; heads, log-probs and losses in float32
     # (`dtype`, precision.autocast). The policy's and reference's LM heads run in float32 under bf16:
     # the ratio and the KL are differences of their log-probs (precision.float32_logits).
@@ -418,10 +478,10 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
     if compute_dtype(pc.dtype, device) != torch.float32:
         for lm in {id(policy): policy, id(ref): ref}.values():
             float32_logits(lm)
-    trainable = [p for m in (policy, value) for p in m.parameters() if p.requires_grad]
+    trainable = [p for m in (policy, value) if m is not None for p in m.parameters() if p.requires_grad]
     opt, sched = make_optimizer(trainable, pc, pc.steps)
     kl_ctl = KLController(pc.kl_coef, pc.adaptive_kl, pc.target_kl, pc.kl_horizon)
-    modules = {"policy": policy, "value": value}
+    modules = {"policy": policy} | ({"value": value} if value is not None else {})  # rloo, grpo: no value model
     stateful = {"optimizer": opt, "scheduler": sched, "kl": kl_ctl}
 
     # -- data: prompts (a seeded held-out set for evals), SFT batches for PPO-ptx --
@@ -442,7 +502,13 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
     metrics = Metrics(folder.metrics, start if state else None, write=dist.is_main)
     if dist.is_main and folder.samples.is_file():
         keep_steps(folder.samples, start if state else None)
-    echo(f"ppo: policy {policy_id}, reward model {rm_path}, {len(train)} train / {len(held)} eval prompts"
+    if judged:
+        against = ("each other" if grouped else "the starting policy's greedy replies") if pc.reward == "judge" \
+            else "a 1-10 rating"
+        reward_text = f"reward: the judge ({against}), advantage {pc.advantage}"
+    else:
+        reward_text = f"reward model {rm_path}" + (f", advantage {pc.advantage}" if grouped else "")
+    echo(f"ppo: policy {policy_id}, {reward_text}, {len(train)} train / {len(held)} eval prompts"
          + (f"; resuming after step {start}" if state else ""))
 
     # The end of a reply: every id that ends the assistant's turn, not only EOS (a template whose
@@ -453,6 +519,38 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
                          "a token that ends the assistant's turn; PPO could not tell a finished reply from a cut one")
     eos = torch.tensor(ends, device=device)
     pad = tok.pad_token_id
+
+    def decode(responses: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """The truncated responses as text, as the judge and samples.jsonl read them."""
+        return [tok.decode(r[: int(n)], skip_special_tokens=True) for r, n in zip(responses, lengths)]
+
+    def reference_replies(*parts: list[tuple[str, list[int]]]) -> dict[str, str]:
+        """The starting policy's greedy reply to each prompt of ``parts`` (prompt text -> reply), from
+        ``reference.jsonl``; the prompts not there yet are sampled, in fixed batches of ``batch_size``
+        cut from each part (the held-out part in the eval's batches), each batch appended as soon as
+        it is made. They are sampled from the frozen reference model, which is the starting policy
+        even when a resumed run's policy has moved on."""
+        store = Store(folder.reference, ReferenceReply)
+        # (a reply sampled by another starting policy, or cut at another length, is not reused)
+        setting = {"policy": policy_id, "response_length": pc.response_length, "max_prompt_length": pc.max_prompt_length}
+        keys: dict[str, str] = {}  # prompt text -> key
+        made = 0
+        for part in parts:
+            items = [(work_key(text, setting), text, ids) for text, ids in part]
+            for _, batch in fixed_batches(items, pc.batch_size, lambda item: item[0] in store):
+                ids, mask = left_pad([p for _, _, p in batch], pad, device)
+                with as_ref():
+                    responses, _ = sample(ref, ids, mask, pc.response_length, 1.0, eos, greedy=True)
+                responses, lengths, _ = truncate_after_eos(responses, eos, pad)
+                # (a prompt given twice is written once: the store skips a key it holds)
+                made += store.append([ReferenceReply(key=key, prompt=text, reply=reply)
+                                      for (key, text, _), reply in zip(batch, decode(responses, lengths))])
+            keys |= {text: key for key, text, _ in items}
+        if made:
+            echo(f"ppo: {made} reference replies (the starting policy's, greedy) -> {folder.reference}")
+        replies = {r.key: r.reply for r in store.records()}
+        return {text: replies[key] for text, key in keys.items()}
+
     n_mb = pc.batch_size // pc.mini_batch_size
     rollouts, mini = pc.batch_size // dist.world, pc.mini_batch_size // dist.world  # this process's
 
@@ -463,6 +561,15 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
         with as_rm():
             return rm.last_scores(pad_right(rows, pad).to(device), length_mask(rows).to(device))
 
+    judge = JudgeReward(labeller, pc.reward, pc.samples if grouped else 1) if judged else None
+    refs: dict[str, str] = {}
+    if pc.reward == "judge":
+        # The reference replies: the held-out prompts' in the eval's batches (the step-0 eval's greedy
+        # replies are these very replies, judged even: about 0), then the training prompts' unless
+        # the rollouts are compared with each other (rloo, grpo).
+        with amp():
+            refs = reference_replies(held, *([] if grouped else [train]))
+
     def evaluate(step: int) -> dict:
         t0, results = time.time(), []
         mine = dist.shard(held)
@@ -471,10 +578,15 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
             ids, mask = left_pad([p for _, p in chunk], pad, device)
             responses, _ = sample(policy, ids, mask, pc.response_length, 1.0, eos, greedy=True)
             responses, lengths, has_eos = truncate_after_eos(responses, eos, pad)
-            scores = score([p for _, p in chunk], responses, lengths)
-            for (text, _), r, n, s in zip(chunk, responses, lengths, scores.tolist()):
-                results.append({"step": step, "prompt": text,
-                                "response": tok.decode(r[: int(n)], skip_special_tokens=True), "score": s})
+            texts = decode(responses, lengths)
+            if judge is None:
+                scores = score([p for _, p in chunk], responses, lengths).tolist()
+            else:  # each held-out prompt is judged under the same principle(s) at every eval
+                prompts = [text for text, _ in chunk]
+                scores = judge(prompts, texts, [f"eval:{i + n}" for n in range(len(chunk))],
+                               [refs[text] for text in prompts] if pc.reward == "judge" else None)
+            for (text, _), reply, s in zip(chunk, texts, scores):
+                results.append({"step": step, "prompt": text, "response": reply, "score": s})
         shares = dist.gather(results)
         if not dist.is_main:
             return {}
@@ -487,15 +599,18 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
 
     if not state:
         with amp():
-            metrics.log(0, **evaluate(0))
+            row = evaluate(0)
+        metrics.log(0, **row, **(judge.take() if judge is not None else {}))
 
     bar = tqdm(range(start + 1, pc.steps + 1), desc="ppo", unit="step", initial=start, total=pc.steps,
                disable=not dist.is_main)
     for step in bar:
         t_step = time.time()
         with torch.no_grad(), amp():
-            chunk = [train[i] for i in batch_rows(len(train), pc.batch_size, step - 1, pc.seed)]
-            chunk = dist.shard(chunk)  # this process's rollouts
+            # batch_size / samples prompts, each repeated `samples` times (a prompt's rows adjacent)
+            picked = batch_rows(len(train), pc.batch_size // pc.samples, step - 1, pc.seed)
+            picked = dist.shard([i for i in picked for _ in range(pc.samples)])  # this process's rollouts
+            chunk = [train[i] for i in picked]
             prompt_rows = [p for _, p in chunk]
             query, query_mask = left_pad(prompt_rows, pad, device)
             width_q = query.shape[1]
@@ -516,7 +631,7 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
             mask = torch.cat([query_mask, resp_mask.long()], dim=1)
             with as_ref():
                 ref_logprobs, _ = response_logprobs(ref, ids, mask, width_r, pc.temperature)
-            values = response_values(value, ids, mask, width_r)
+            values = response_values(value, ids, mask, width_r) if value is not None else None
             # The policy's entropy over each response (objective/entropy), of the temperature-scaled
             # distribution it sampled from: one more forward pass of the policy, for the exact value.
             # Rows go in chunks of a mini-batch: the (rows, tokens, vocabulary) float32 tensors stay small.
@@ -525,35 +640,52 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
                                                    pc.temperature)[1], resp_mask[r: r + mini])
                 for r in range(0, len(ids), mini)])
 
-            # 3. score: the reward model at the last real token; a response with no EOS gets
-            # no_eos_score instead.
-            raw_scores = score(prompt_rows, responses, lengths)
+            # 3. score: the reward model at the last real token, or the judge on the decoded response
+            # (against the reference reply, the rest of its group, or rated alone; the principles drawn
+            # per prompt and step); a response with no EOS gets no_eos_score instead.
+            if judge is None:
+                raw_scores = score(prompt_rows, responses, lengths)
+            else:
+                prompts = [text for text, _ in chunk]
+                raw_scores = torch.tensor(
+                    judge(prompts, decode(responses, lengths), [f"{step}:{i}" for i in picked],
+                          [refs[text] for text in prompts] if pc.reward == "judge" and not grouped else None),
+                    dtype=torch.float32, device=device)
             scores = apply_no_eos_score(raw_scores, has_eos, pc.no_eos_score)
 
             # 4. KL-penalised reward: -kl_coef * (logp - ref_logp) at every token, the score at the last.
             rewards, kl, non_score = kl_penalised_rewards(logprobs, ref_logprobs, scores, lengths, kl_ctl.value)
 
-            # 5. whiten rewards (optional; summarize_from_feedback_details' `whiten_rewards`, mean kept).
-            if pc.whiten_rewards:
-                rewards = masked_whiten(rewards, resp_mask, shift_mean=False, dist=dist)
+            if grouped:
+                # 5-6 for rloo / grpo: a sequence return R = score - kl_coef * sum of the per-token KL,
+                # the group baseline within each prompt's samples, and that advantage at every response
+                # token (already centred, and scaled for grpo: not whitened again).
+                seq_advantages = (rloo_advantages if pc.advantage == "rloo" else grpo_advantages)(
+                    scores + non_score.sum(1), pc.samples)
+                advantages = torch.where(resp_mask, seq_advantages[:, None], 0)
+            else:
+                # 5. whiten rewards (optional; summarize_from_feedback_details' `whiten_rewards`, mean kept).
+                if pc.whiten_rewards:
+                    rewards = masked_whiten(rewards, resp_mask, shift_mean=False, dist=dist)
 
-            # 6. GAE over the response tokens, then advantages whitened over the batch's real
-            # tokens only (summarize_from_feedback_details' masked_whiten of the advantages), every
-            # process's rollouts together.
-            advantages, returns = gae(rewards, values, resp_mask, pc.gamma, pc.lam)
-            advantages = masked_whiten(advantages, resp_mask, dist=dist)
+                # 6. GAE over the response tokens, then advantages whitened over the batch's real
+                # tokens only (summarize_from_feedback_details' masked_whiten of the advantages), every
+                # process's rollouts together.
+                advantages, returns = gae(rewards, values, resp_mask, pc.gamma, pc.lam)
+                advantages = masked_whiten(advantages, resp_mask, dist=dist)
             t_score = time.time() - t0
 
         # 7. update: ppo_epochs passes over shuffled mini-batches; clipped policy loss (Schulman et
         # al. 2017), clipped value loss (OpenAI baselines' PPO2; Huang et al. 2022, "value function
-        # loss clipping"), PPO-ptx SFT loss (Ouyang et al. 2022, eq. 2: it keeps the policy near its
-        # SFT data, limiting the "alignment tax"). Gradients are clipped to max_grad_norm. With several
+        # loss clipping"; none with rloo / grpo), PPO-ptx SFT loss (Ouyang et al. 2022, eq. 2: it
+        # keeps the policy near its SFT data, limiting the "alignment tax"). Gradients are clipped to max_grad_norm. With several
         # processes a mini-batch is every process's `mini` rollouts; its means are over all their
         # tokens, so each loss and statistic here is this process's share, summed over processes below.
         t0 = time.time()
         if pc.gradient_checkpointing:  # transformers checkpoints in train mode only (dropout is off in both)
             policy.train()
-            value.train()
+            if value is not None:
+                value.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "ptx", "ratio", "approxkl", "clip", "vclip")}
         for epoch in range(pc.ppo_epochs):
             for j, mb in enumerate(torch.randperm(rollouts).view(n_mb, mini).tolist()):
@@ -580,13 +712,16 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
                 pg2 = -adv * torch.clamp(ratio, 1 - pc.cliprange, 1 + pc.cliprange)
                 pg_loss = masked_mean(torch.max(pg1, pg2), m, tokens)
 
-                with amp():
-                    v_new = response_values(value, mb_ids, mb_mask, w)
-                v_old, ret = values[mb, :w], returns[mb, :w]
-                v_clip = v_old + torch.clamp(v_new - v_old, -pc.cliprange_value, pc.cliprange_value)
-                vf1, vf2 = (v_new - ret) ** 2, (v_clip - ret) ** 2
-                vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m, tokens)
-                loss = pg_loss + pc.vf_coef * vf_loss
+                if value is not None:
+                    with amp():
+                        v_new = response_values(value, mb_ids, mb_mask, w)
+                    v_old, ret = values[mb, :w], returns[mb, :w]
+                    v_clip = v_old + torch.clamp(v_new - v_old, -pc.cliprange_value, pc.cliprange_value)
+                    vf1, vf2 = (v_new - ret) ** 2, (v_clip - ret) ** 2
+                    vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m, tokens)
+                    loss = pg_loss + pc.vf_coef * vf_loss
+                else:
+                    loss = pg_loss
 
                 if sft:
                     with amp():
@@ -601,14 +736,16 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
                 opt.step()
                 with torch.no_grad():
                     stats["pg"].append(pg_loss.item())
-                    stats["vf"].append(vf_loss.item())
                     stats["ratio"].append(masked_mean(ratio, m, tokens).item())
                     stats["approxkl"].append(0.5 * masked_mean(diff**2, m, tokens).item())
                     stats["clip"].append(masked_mean((pg2 > pg1).float(), m, tokens).item())
-                    stats["vclip"].append(masked_mean((vf2 > vf1).float(), m, tokens).item())
+                    if value is not None:
+                        stats["vf"].append(vf_loss.item())
+                        stats["vclip"].append(masked_mean((vf2 > vf1).float(), m, tokens).item())
         if pc.gradient_checkpointing:
             policy.eval()
-            value.eval()
+            if value is not None:
+                value.eval()
         lr = sched.get_last_lr()[0]
         sched.step()
         t_update = time.time() - t0
@@ -633,13 +770,15 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
                 "policy/approxkl_avg": avg["approxkl"],
                 "policy/clipfrac_avg": avg["clip"],
                 "loss/policy": avg["pg"],
-                "loss/value": avg["vf"],
+                "loss/value": avg.get("vf"),
                 "val/ratio": avg["ratio"],
                 "val/num_eos_tokens": int(n_eos),
-                "val/clipfrac_avg": avg["vclip"],
+                "val/clipfrac_avg": avg.get("vclip"),
                 "lr": lr,
                 "kl_coef": kl_ctl.value,
             }
+            if value is None:  # rloo, grpo: no value model, no value loss
+                del row["loss/value"], row["val/clipfrac_avg"]
         if sft:
             row["loss/ptx"] = avg["ptx"]
         # Ziegler et al. 2019: the coefficient follows the KL of the batch just sampled.
@@ -649,6 +788,8 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
         if step % pc.eval_every == 0 or step == pc.steps:
             with amp():
                 row |= evaluate(step)
+        if judge is not None:  # the judge's requests and time this step, its eval's included
+            row |= judge.take()
         metrics.log(step, **row)
         bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{row['objective/scores']:.3f}")
         if step % pc.checkpoint_every == 0 or step == pc.steps:
@@ -674,13 +815,21 @@ class PPO(Stage):
     name = section = "ppo"
     trains = True
 
+    def roles(self, cfg: RunConfig) -> tuple[Role, ...]:
+        """The judge, when it is the reward (``ppo.reward`` = judge or judge-score)."""
+        return ("judge",) if cfg.ppo.reward != "model" else ()
+
     def user_files(self, cfg: RunConfig) -> list[Path]:
-        return [Path(f) for f in (cfg.ppo.prompts, cfg.ppo.sft_data) if f is not None]
+        files = [Path(f) for f in (cfg.ppo.prompts, cfg.ppo.sft_data) if f is not None]
+        return files + ([Path(cfg.judge.constitution)] if cfg.ppo.reward != "model" else [])
 
     def needs(self, cfg: RunConfig, layout: RunLayout) -> list[Need]:
         pc = cfg.ppo
-        needs = [Need(Path(pc.reward_model) if pc.reward_model else layout.rm_model, "no reward model for PPO",
-                      "add the rm stage, run `factory train rm`, or set ppo.reward_model", folder=True)]
+        needs = []
+        if pc.reward == "model":
+            needs.append(Need(Path(pc.reward_model) if pc.reward_model else layout.rm_model, "no reward model for PPO",
+                              "add the rm stage, run `factory train rm`, set ppo.reward_model, or set ppo.reward = "
+                              "'judge'", folder=True))
         if pc.prompts is None:
             needs.append(Need(layout.tasks, "no prompts for PPO", "run instances first, or set ppo.prompts"))
         return needs
@@ -688,8 +837,18 @@ class PPO(Stage):
     def writes(self, cfg: RunConfig, layout: RunLayout) -> list[Path]:
         return [layout.policy_model]
 
+    def check(self, cfg: RunConfig) -> None:
+        if cfg.ppo.reward != "model":  # the judge's principles, before any model loads
+            from factory.constitution import load_constitution
+
+            load_constitution(cfg.judge.constitution)
+
     def run(self, ctx: Context) -> dict:
-        return run_ppo(ctx.cfg.ppo, ctx.layout, ctx.cfg.allow_pickle, ctx.echo)
+        pc = ctx.cfg.ppo
+        labeller = None
+        if pc.reward != "model":  # the judge loads on its first request, once the policy is loaded
+            labeller = Labeller.of(ctx.model("judge", lazy=True), ctx.cfg.judge, seed=pc.seed)
+        return run_ppo(pc, ctx.layout, ctx.cfg.allow_pickle, ctx.echo, labeller=labeller)
 
 
 STAGE = PPO()
