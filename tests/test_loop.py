@@ -157,6 +157,24 @@ def test_ppo_with_the_judge_as_reward_and_rloo(tmp_path, tiny_model):
     assert manifest["config"]["ppo"]["policy"] == str(first / "policy" / "model")
 
 
+def test_the_judge_is_its_own_model(tmp_path, tiny_model):
+    """judge.backend: the judge stage asks that model, the answers come from the run's backend."""
+    import shutil
+
+    judge_dir = tmp_path / "judge-model"
+    shutil.copytree(tiny_model, judge_dir)
+    config = loop_config(tmp_path, tiny_model, rounds=1, stages=("critique", "judge"))
+    result = CliRunner().invoke(cli, ["run", str(config), "--show", "0", "--set", f"judge.backend=hf:{judge_dir}"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "outputs" / "loop"
+    judges = {p.judge_model for p in read_jsonl(run / "preferences.jsonl", Preference)}
+    models = {r.model for r in read_jsonl(run / "revisions.jsonl", Revision)}
+    assert len(judges) == 1 and str(judge_dir) in judges.pop()
+    assert len(models) == 1 and str(judge_dir) not in models.pop()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["backend"]["spec"] == f"hf:{judge_dir}" and manifest["backend"]["generator"] == f"hf:{tiny_model}"
+
+
 def test_rounds_need_ppo(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="rounds = 2 needs the ppo or dpo stage"):
         load_config(loop_config(tmp_path, tiny_model, stages=("critique", "judge", "rm")))

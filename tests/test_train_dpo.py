@@ -74,6 +74,21 @@ def test_a_sure_label_is_the_original_dpo_loss():
         assert (abs(grad.item()) > 1e-6) == pulls
 
 
+def test_the_nll_term_adds_the_chosen_replys_per_token_loss():
+    from factory.train.pairs import Pair
+    from factory.train.settings import DPOConfig
+
+    batch = [Pair(((1,), (2, 3)), ((1,), (4,)), 0.8, 0), Pair(((5,), (6,)), ((5,), (7, 8, 9)), 1.0, 1)]
+    pc, pr = torch.tensor([-6.0, -2.0]), torch.tensor([-3.0, -9.0])
+    ref = torch.tensor([[-5.0, -3.5], [-2.5, -8.0]])
+    counts = torch.tensor([2.0, 1.0])
+    plain = D.Step(DPOConfig(beta=0.2), batch, ref, pc, pr, counts).losses
+    with_nll = D.Step(DPOConfig(beta=0.2, nll_coef=0.5), batch, ref, pc, pr, counts).losses
+    torch.testing.assert_close(with_nll - plain, 0.5 * torch.tensor([6.0 / 2, 2.0 / 1]))
+    hand, _ = D.dpo_loss(pc, pr, ref[:, 0], ref[:, 1], torch.tensor([0.8, 1.0]), 0.2)
+    torch.testing.assert_close(plain, hand)
+
+
 # -- log-probs --------------------------------------------------------------------------------------
 
 
