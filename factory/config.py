@@ -175,7 +175,8 @@ class RunConfig(Strict):
     )
     rounds: int = Field(
         1, ge=1, description="RLAIF rounds: after PPO (or DPO), the trained policy answers and revises the next round's "
-        "prompts (the judge stays the backend's model); with more than 1, round N lives in round-N/"
+        "prompts (the judge stays judge.backend, by default the run's backend); with more than 1, round N lives in "
+        "round-N/"
     )
     allow_pickle: bool = Field(
         False, description="load pickle-based model weights (pytorch_model.bin) and old pickle checkpoints; "

@@ -73,14 +73,25 @@ class Labeller:
     constitution: Constitution
     principles: int | Literal["all"] = 1
     seed: int = 0
+    cot: bool = False
+    """``compare``: the judge reasons first, and its labels are clamped into ``band`` (judge.cot)"""
+    band: tuple[float, float] = (0.4, 0.6)
+    cot_max_tokens: int = 128
     calls: int = field(default=0, init=False)
-    """judge requests made so far (both orders of a pair are two)"""
+    """judge requests made so far (both orders of a pair are two; with ``cot``, its reasoning one more)"""
 
     @classmethod
     def of(cls, backend: Backend, judge_settings, seed: int | None = None) -> "Labeller":
-        """A labeller from the run config's ``[judge]`` section (its constitution and principles)."""
-        return cls(backend, load_constitution(judge_settings.constitution), judge_settings.principles,
-                   judge_settings.seed if seed is None else seed)
+        """A labeller from the run config's ``[judge]`` section: its constitution, principles per prompt and
+        chain-of-thought settings, as the judge stage uses them."""
+        js = judge_settings
+        return cls(backend, load_constitution(js.constitution), js.principles, js.seed if seed is None else seed,
+                   js.cot, tuple(js.cot_band), js.cot_max_tokens)
+
+    def settings(self) -> dict:
+        """What the labels depend on besides the model: for the fingerprints of what is made from them."""
+        return {"constitution": self.constitution.model_dump(mode="json"), "principles": self.principles,
+                "seed": self.seed, "cot": [self.cot, list(self.band), self.cot_max_tokens]}
 
     def draw(self, draw_key: str) -> list[Principle]:
         """The principles one prompt is judged under, drawn by weight from a seed of its own."""
@@ -91,9 +102,11 @@ class Labeller:
         """For each prompt, P[i][j] = P(reply i beats reply j) over its replies, from one batched
         judge call: every pair in both orders under the principles drawn for ``draw_keys[g]``."""
         jobs = [Group(list(m), list(replies), self.draw(key)) for m, replies, key in zip(prompts, groups, draw_keys)]
-        self.calls += sum(len(g.principles) * len(g.responses) * (len(g.responses) - 1) for g in jobs)
+        asks = sum(len(g.principles) * len(g.responses) * (len(g.responses) - 1) for g in jobs)
+        self.calls += asks * (2 if self.cot else 1)
         out = []
-        for g, comparisons in zip(jobs, judge_groups(self.backend, jobs, "pairwise")):
+        for g, comparisons in zip(jobs, judge_groups(self.backend, jobs, "pairwise", self.cot, self.band,
+                                                      self.cot_max_tokens)):
             k = len(g.responses)
             sums = [[0.0] * k for _ in range(k)]
             counts = [[0] * k for _ in range(k)]
@@ -110,7 +123,8 @@ class Labeller:
         return out
 
     def rate(self, prompts: Sequence[Messages], replies: Sequence[str], draw_keys: Sequence[str]) -> list[float]:
-        """The expected 1-10 rating of each reply to its prompt, averaged over its drawn principles."""
+        """The expected 1-10 rating of each reply to its prompt, averaged over its drawn principles
+        (read straight from the number's probabilities: ``cot`` applies to ``compare`` only)."""
         asks, owner = [], []
         for n, (messages, reply, key) in enumerate(zip(prompts, replies, draw_keys)):
             conversation = prompt_text(list(messages))

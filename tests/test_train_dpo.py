@@ -348,3 +348,38 @@ def test_online_pairs_put_the_judges_favourite_first():
     m = [[0.5, 0.8, 0.3], [0.2, 0.5, 0.45], [0.7, 0.55, 0.5]]
     assert D.online_pairs(m, ["a", "b", "c"]) == [(0, 1, 0.8), (2, 0, pytest.approx(0.7)), (2, 1, pytest.approx(0.55))]
     assert D.online_pairs(m, ["a", " a", "c"]) == [(2, 0, pytest.approx(0.7)), (2, 1, pytest.approx(0.55))]
+
+
+def test_a_kill_after_the_last_checkpoint_saves_without_training_again(tmp_path, tiny_model, monkeypatch):
+    cfg = config(tmp_path, tiny_model, "dpo.held_out=0")
+    write_prefs(cfg.run_dir / "preferences.jsonl", make_prefs())
+
+    def dies(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(D, "save_final", dies)  # killed while writing model/, after the last checkpoint
+    with pytest.raises(Killed):
+        D.run_dpo(cfg.dpo, RunLayout.of(cfg), **QUIET)
+    monkeypatch.undo()
+    folder = RunLayout.of(cfg).dpo
+    before = folder.metrics.read_text()
+    echoed: list[str] = []
+    summary = D.run_dpo(cfg.dpo, RunLayout.of(cfg), echo=echoed.append)
+    assert folder.metrics.read_text() == before  # no step ran again
+    assert any("training had finished" in e for e in echoed) and summary["steps"] > 0
+    ckpt = load_file(str(folder.checkpoint / "model.safetensors"))
+    final = load_file(str(folder.model / "model.safetensors"))
+    shared = [k for k in final if k in ckpt]  # (a tied embedding is saved under one of its names)
+    assert len(shared) >= len(final) - 1 and all(torch.equal(ckpt[k], final[k]) for k in shared)
+
+
+def test_online_dpo_with_lora_takes_the_base_as_its_reference(tmp_path, tiny_model):
+    cfg = online_config(tmp_path, tiny_model, "dpo.lora.r=4", "dpo.lr=1e-2", "dpo.steps=2")
+    summary = D.run_dpo(cfg.dpo, RunLayout.of(cfg), labeller=labeller(StubJudge(), cfg), **QUIET)
+    rows = [json.loads(x) for x in RunLayout.of(cfg).dpo.metrics.read_text().splitlines()]
+    # step 1: adapters start at zero (LoRA's B = 0), so the policy is its reference: every margin 0
+    assert rows[0]["pairs"] > 0 and rows[0]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    saved = load_file(str(RunLayout.of(cfg).dpo.model / "model.safetensors"))
+    assert not any("lora" in k for k in saved) and summary["steps"] == 2
+    ids = json.loads(RunLayout.of(cfg).dpo.online.read_text().splitlines()[0])["ids"]
+    assert len(ids) == 2 and all(1 <= len(r) <= 6 for group in ids for r in group)  # the sampled ids, kept

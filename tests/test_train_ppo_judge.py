@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 import torch
 from safetensors.torch import load_file
 
@@ -199,9 +200,20 @@ def test_judge_reward_needs_a_labeller(tmp_path, tiny_model, prompts):
     cfg = make_cfg(tmp_path, tiny_model, prompts)
     with pytest.raises(TrainError, match="ppo.reward = 'judge' needs the judge"):
         ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=quiet)
-    cfg = make_cfg(tmp_path, tiny_model, prompts, advantage="rloo", samples=2, whiten_rewards=True)
-    with pytest.raises(TrainError, match="ppo.whiten_rewards = false"):
-        ppo.run_ppo(cfg.ppo, RunLayout.of(cfg), echo=quiet, labeller=labeller(StubJudge()))
+    # whitening per-token rewards is GAE's: with a group baseline the config is refused as it loads
+    with pytest.raises(ValidationError, match="set whiten_rewards = false"):
+        make_cfg(tmp_path, tiny_model, prompts, advantage="rloo", samples=2, whiten_rewards=True)
+
+
+def test_group_baselines_default_to_four_samples():
+    from factory.train.settings import PPOConfig
+
+    assert PPOConfig(advantage="rloo").samples == 4 and PPOConfig(advantage="grpo").samples == 4
+    assert PPOConfig().samples == 1
+    with pytest.raises(ValidationError, match=r"multiple of samples \(4, the default with advantage = 'rloo'\)"):
+        PPOConfig(advantage="rloo", batch_size=6, mini_batch_size=2)
+    with pytest.raises(ValidationError, match="needs samples >= 2"):
+        PPOConfig(advantage="grpo", samples=1)
 
 
 def test_judge_rloo_run(tmp_path, tiny_model, prompts):
@@ -326,3 +338,13 @@ def test_reward_model_with_a_group_baseline(tmp_path, tiny_model, prompts):
     assert not (out / "checkpoint" / "value.safetensors").exists() and not (out / "reference.jsonl").exists()
     step = rows(out / "metrics.jsonl")[1]
     assert math.isfinite(step["loss/policy"]) and "loss/value" not in step and "judge/calls" not in step
+
+
+def test_a_checkpoint_of_other_reward_settings_is_refused(tmp_path, tiny_model, prompts):
+    cfg = make_cfg(tmp_path, tiny_model, prompts, advantage="rloo", samples=2, steps=4)
+    layout = RunLayout.of(cfg)
+    state = layout.policy.checkpoint / "state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"step": 2, "reward": "judge", "advantage": "gae", "samples": 1}))
+    with pytest.raises(TrainError, match="made with ppo.reward = 'judge', ppo.advantage = 'gae', ppo.samples = 1"):
+        ppo.run_ppo(cfg.ppo, layout, echo=quiet, labeller=labeller(StubJudge()))

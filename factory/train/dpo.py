@@ -46,8 +46,8 @@ back instead of sampling and asking the judge again, so it repeats the same upda
 is then needed at every step: a frozen copy of the starting policy (with LoRA, the adapters off).
 
 Several processes: each takes its share of a batch (``distributed.Dist``), as the reward model's
-trainer does; the reference pass is computed by every process (rank 0 writes it). Online DPO runs
-in one process.
+trainer does; the main process computes the reference pass and writes it, the others read it. Online
+DPO runs in one process.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ from factory.train.models import add_lora, end_ids, is_model, load_causal_lm, lo
 from factory.train.optim import make_optimizer, seed_all
 from factory.train.precision import autocast, checkpoint_activations, compute_dtype, float32_logits, releases_memory
 from factory.train.pairs import Pair, epoch_batches, make_pairs, split_by_prompt
-from factory.train.scoring import Seq, cut, pack, reply_ids
+from factory.train.scoring import Seq, pack
 from factory.train.settings import DPOConfig
 
 if TYPE_CHECKING:
@@ -348,10 +348,14 @@ def _run_offline(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, dis
 
     # 2. The reference log-probs of every pair, once, before any adapter or update (kept in the run).
     source = {"pairs": file_sha256(pairs_path), "model": model_id}
-    ref_key = work_key(source, dc.model_dump(mode="json", include={"max_length", "soft_labels", "share_prompt"}))
-    ref_file = ReferenceFile(folder.reference, ref_key, write=dist.is_main)
-    ref_seconds = reference_pass(model, pairs, ref_file, dc.batch_size, tok.pad_token_id, device, dc.share_prompt,
-                                 limit, amp, echo)
+    ref_key = work_key({**source, "precision": str(compute_dtype(dc.dtype, device))},
+                       dc.model_dump(mode="json", include={"max_length", "share_prompt"}))
+    ref_seconds = 0.0
+    if dist.is_main:  # the main process computes and writes it; the others read it once it is whole
+        ref_seconds = reference_pass(model, pairs, ReferenceFile(folder.reference, ref_key), dc.batch_size,
+                                     tok.pad_token_id, device, dc.share_prompt, limit, amp, echo)
+    dist.barrier()
+    ref_file = ReferenceFile(folder.reference, ref_key, write=False)
     ref_all = torch.tensor([ref_file.values[i] for i in range(len(pairs))], dtype=torch.float32)
     ref_train, ref_held = ref_all[train_idx], ref_all[held_idx]
 
@@ -363,17 +367,22 @@ def _run_offline(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, dis
     if saved is not None and saved["fingerprint"] != fingerprint:
         raise TrainError(f"{folder.checkpoint}: this checkpoint was made from other pairs or settings; "
                          f"remove {folder.root} to start again, or restore what it was made with")
+    # (the last epoch's checkpoint holds no optimiser: training is over, only the save is left)
+    trained_out = saved is not None and saved["epoch"] >= dc.epochs
     if dc.gradient_checkpointing:
         checkpoint_activations(model)
     model = add_lora(model, dc.lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, dc, total_steps)
-    state = load_checkpoint(folder.checkpoint, {"model": model}, {"optimizer": opt, "scheduler": sched}, dist,
-                            allow_pickle=allow_pickle)
+    state = load_checkpoint(folder.checkpoint, {"model": model}, {} if trained_out else {"optimizer": opt,
+                                                                                         "scheduler": sched},
+                            dist, allow_pickle=allow_pickle)
     dist.broadcast({"model": model})
     if state is None:
         state = {"fingerprint": fingerprint, "step": 0, "epoch": 0, "position": 0, "evals": []}
+    elif trained_out:
+        echo(f"dpo: training had finished at step {state['step']} ({folder.checkpoint}); saving the model")
     else:
         echo(f"dpo: resuming from {folder.checkpoint} at step {state['step']} (epoch {state['epoch'] + 1}, "
              f"batch {state['position']} of {per_epoch})")
@@ -478,15 +487,18 @@ def _append_online(path: Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def online_pairs(matrix: list[list[float]], replies: list[str]) -> list[tuple[int, int, float]]:
+def online_pairs(matrix: list[list[float]], replies: list[str], soft: bool = True) -> list[tuple[int, int, float]]:
     """(chosen, rejected, p_chosen) for every pair of distinct replies of one prompt, the judge's
-    favourite as chosen (p >= 0.5)."""
+    favourite as chosen (p >= 0.5). Without soft labels (every pair then counts as sure) a tie is
+    left out: it would become a certainty with an arbitrary winner."""
     out = []
     for i in range(len(replies)):
         for j in range(i + 1, len(replies)):
             if replies[i].strip() == replies[j].strip():
                 continue  # identical replies teach nothing
             p = matrix[i][j]
+            if not soft and p == 0.5:
+                continue
             out.append((i, j, p) if p >= 0.5 else (j, i, 1 - p))
     return out
 
@@ -511,8 +523,8 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
         raise TrainError(f"{path}: no token ends the assistant's turn; online DPO could not tell a finished reply")
     eos = torch.tensor(ends, device=device)
     messages = [[{"role": "user", "content": text}] for _, text in prompts]
-    keep_prompt = max(1, dc.max_length - dc.response_length)
-    rows = [prompt_ids(tok, m)[-keep_prompt:] for m in messages]
+    # The prompt keeps its end, so that prompt + reply fit max_length: the pairs are the sampled ids as they are.
+    rows = [prompt_ids(tok, m)[-(dc.max_length - dc.response_length):] for m in messages]
     amp = autocast(dc.dtype, device)
     seed_all(dc.seed)
     policy = _prepare(dc, device, path, tok, allow_pickle)
@@ -526,9 +538,7 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
     params = [p for p in policy.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, dc, dc.steps)
     fingerprint = work_key({"prompts": [t for _, t in prompts], "model": model_id,
-                            "judge": labeller.backend.model_id,
-                            "constitution": labeller.constitution.model_dump(mode="json"),
-                            "principles": labeller.principles},
+                            "judge": labeller.backend.model_id, **labeller.settings()},
                            dc.model_dump(mode="json", exclude={"device", "output", "checkpoint_every", "dtype",
                                                                "gradient_checkpointing", "pairs", "epochs",
                                                                "held_out"}))
@@ -545,7 +555,6 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
     echo(f"dpo (online): {len(prompts)} prompts, {dc.batch_size} a step x {dc.samples} samples, {dc.steps} steps on "
          f"{model_id}; judge {labeller.backend.model_id}" + (f"; resuming after step {start}" if start else ""))
     limit = 2 * dc.max_length
-    ends_set = set(ends)
     started = time.time()
     policy.train()
     bar = tqdm(range(start + 1, dc.steps + 1), desc="dpo (online)", unit="step", initial=start, total=dc.steps)
@@ -565,8 +574,12 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
                 ids, mask = left_pad(repeated, tok.pad_token_id, device)
                 out, _ = sample(policy, ids, mask, dc.response_length, dc.temperature, eos)
                 out, lengths, _ = truncate_after_eos(out, eos, tok.pad_token_id)
-            texts = [tok.decode(r[: int(n)], skip_special_tokens=True) for r, n in zip(out, lengths)]
+            # DPO trains on the ids sampled (through the end-of-turn token, or cut at response_length as
+            # they were), the judge reads their text.
+            sampled = [r[: int(n)].tolist() for r, n in zip(out, lengths)]
+            texts = [tok.decode(r, skip_special_tokens=True) for r in sampled]
             groups = [texts[k * dc.samples: (k + 1) * dc.samples] for k in range(len(chosen_rows))]
+            id_groups = [sampled[k * dc.samples: (k + 1) * dc.samples] for k in range(len(chosen_rows))]
             policy.train()
             t_gen = time.time() - t0
             # 2. The judge compares every pair of each prompt's replies, both orders (one batched call).
@@ -576,21 +589,19 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
                                       [f"online:{step}:{i}" for i in chosen_rows])
             t_judge = time.time() - t0
             row = {"fingerprint": fingerprint, "step": step, "prompts": [prompts[i][1] for i in chosen_rows],
-                   "samples": groups, "labels": labels, "judge_calls": labeller.calls - before}
+                   "samples": groups, "ids": id_groups, "labels": labels, "judge_calls": labeller.calls - before}
             _append_online(folder.online, row)  # written before the update: a resumed run asks nobody again
             written[step] = row
         # 3. One DPO step on every labelled pair of this step's samples.
         t0 = time.time()
         batch: list[Pair] = []
         for k, i in enumerate(chosen_rows):
-            replies = row["samples"][k]
-            for c, r, p in online_pairs(row["labels"][k], replies):
-                sides = []
-                for reply in (replies[c], replies[r]):
-                    prompt, ids_ = reply_ids(tok, messages[i], reply, ends_set)
-                    sides.append(cut(prompt, ids_, dc.max_length, ends_set))
-                batch.append(Pair(sides[0], sides[1], p if dc.soft_labels else 1.0, i))
-        values = {"train/loss": None, "judge/calls": row["judge_calls"], "pairs": len(batch)}  # None: no pair
+            replies, ids_ = row["samples"][k], row["ids"][k]
+            prompt = tuple(rows[i])
+            for c, r, p in online_pairs(row["labels"][k], replies, dc.soft_labels):
+                batch.append(Pair((prompt, tuple(ids_[c])), (prompt, tuple(ids_[r])), p if dc.soft_labels else 1.0, i))
+        # judge/calls: the requests this step made (0 when a resumed run read the step's labels back)
+        values = {"train/loss": None, "judge/calls": row["judge_calls"] if fresh else 0, "pairs": len(batch)}
         opt.zero_grad(set_to_none=True)
         grad_norm = 0.0
         if batch:
@@ -620,7 +631,8 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
     logged = [json.loads(line) for line in folder.metrics.read_text(encoding="utf-8").splitlines() if line]
     summary = {
         "model": str(folder.model), "base_model": model_id, "online": True, "steps": state["step"],
-        "pairs": state["pairs"], "judge_model": labeller.backend.model_id, "beta": dc.beta, "loss": dc.loss,
+        "pairs": state["pairs"], "judge_model": labeller.backend.model_id, "judge_calls": state["judge_calls"],
+        "beta": dc.beta, "loss": dc.loss,
         "seconds": round(time.time() - started, 1),
         "seconds_per_step": round(sum(r["time/step_s"] for r in logged) / len(logged), 3) if logged else None,
         "accuracy_end": logged[-1].get("rewards/accuracies") if logged else None,

@@ -410,9 +410,6 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
         raise TrainError(f"ppo.reward = {pc.reward!r} with ppo.advantage = {pc.advantage!r} runs on a single process "
                          f"only for now ({dist.world} were launched): run one process, or set ppo.reward = 'model' "
                          "and ppo.advantage = 'gae'")
-    if grouped and pc.whiten_rewards:
-        raise TrainError(f"ppo.whiten_rewards whitens the per-token rewards GAE reads; ppo.advantage = "
-                         f"{pc.advantage!r} has no GAE: set ppo.whiten_rewards = false")
     folder = layout.policy
     saved = saved_state(folder.checkpoint)
     # (a run finished before trainers wrote summary.json: its summary comes from its metrics)
@@ -420,6 +417,15 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
     if done is not None:
         echo(f"ppo: {folder.root} already holds a finished run of {pc.steps} steps; nothing to do")
         return done
+    # What a checkpoint's modules and prompt stream depend on (a checkpoint from before these settings
+    # existed was made with the reward model, GAE and one rollout per prompt).
+    setup = {"reward": pc.reward, "advantage": pc.advantage, "samples": pc.samples}
+    if saved is not None:
+        made = {k: saved.get(k, v) for k, v in {"reward": "model", "advantage": "gae", "samples": 1}.items()}
+        if made != setup:
+            raise TrainError(f"{folder.checkpoint}: this checkpoint was made with "
+                             + ", ".join(f"ppo.{k} = {v!r}" for k, v in made.items())
+                             + f"; remove {folder.root} to start again, or set those back to resume it")
     rm_path = None
     if judged:
         if labeller is None:
@@ -793,7 +799,7 @@ def run_ppo(settings: PPOConfig, layout: RunLayout, allow_pickle: bool = False,
         metrics.log(step, **row)
         bar.set_postfix(kl=f"{mean_kl:.2f}", score=f"{row['objective/scores']:.3f}")
         if step % pc.checkpoint_every == 0 or step == pc.steps:
-            save_checkpoint(folder.checkpoint, modules, stateful, {"step": step}, dist)
+            save_checkpoint(folder.checkpoint, modules, stateful, {"step": step, **setup}, dist)
     bar.close()
 
     # The final policy as a causal LM folder (adapters merged), loadable as `hf:<folder>/model`. Its

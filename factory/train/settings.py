@@ -122,13 +122,18 @@ class PPOConfig(Common):
 
     @model_validator(mode="after")
     def _minibatches(self) -> "PPOConfig":
-        if self.advantage != "gae" and self.samples == 1 and "samples" not in self.model_fields_set:
+        given = "samples" in self.model_fields_set
+        if self.advantage != "gae" and self.samples == 1 and not given:
             self.samples = 4
         if self.advantage != "gae" and self.samples < 2:
             raise ValueError(f"advantage = {self.advantage!r} needs samples >= 2 (a group to take the baseline from)")
+        if self.advantage != "gae" and self.whiten_rewards:
+            raise ValueError(f"whiten_rewards whitens the per-token rewards GAE reads; advantage = {self.advantage!r} "
+                             "has no GAE: set whiten_rewards = false")
         if self.batch_size % self.samples:
+            default = "" if given else f", the default with advantage = {self.advantage!r}"
             raise ValueError(f"batch_size ({self.batch_size}) counts rollouts: it must be a multiple of samples "
-                             f"({self.samples})")
+                             f"({self.samples}{default})")
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of mini_batch_size "
                              f"({self.mini_batch_size})")
@@ -164,6 +169,13 @@ class DPOConfig(Common):
     prompts: Path | None = Field(None, description="online: JSONL of {'prompt': ...} (none: the run's tasks)")
     response_length: int = Field(64, ge=1, description="online: tokens sampled per reply")
     temperature: float = Field(0.9, gt=0, description="online: sampling temperature")
+
+    @model_validator(mode="after")
+    def _room_for_the_prompt(self) -> "DPOConfig":
+        if self.online and self.response_length > self.max_length // 2:
+            raise ValueError(f"online: response_length ({self.response_length}) must be at most half of max_length "
+                             f"({self.max_length}), so that the prompt keeps room before the reply")
+        return self
 
 
 class RerankConfig(Strict):
