@@ -191,6 +191,32 @@ class Step:
 # -- the reference pass ---------------------------------------------------------------------------
 
 
+def whole_rows(path: Path, cut_torn: bool, remove: Path) -> list[dict]:
+    """The JSON rows of a file appended line by line (``reference.jsonl``, ``online.jsonl``); what follows
+    its last newline is a torn line (a kill mid-write): never read, and cut off when ``cut_torn``.
+    ``remove``: what to remove to start again, named when a whole line does not parse."""
+    data = path.read_bytes() if path.is_file() else b""
+    whole = data[: data.rfind(b"\n") + 1]
+    rows = []
+    for n, line in enumerate(whole.splitlines()):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            raise TrainError(f"{path}:{n + 1}: not a JSON line; remove {remove} to start again") from None
+    if cut_torn and len(whole) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    return rows
+
+
+def append_synced(path: Path, data: bytes, mode: str = "ab") -> None:
+    """Append (or with ``mode="wb"`` write) ``data`` and fsync it before going on."""
+    with open(path, mode) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class ReferenceFile:
     """``reference.jsonl``: a header with the fingerprint of what it was computed from, then one line per
     pair: ``{"i": index, "c": chosen log-prob, "r": rejected log-prob}``. Lines are appended a batch at a
@@ -199,37 +225,21 @@ class ReferenceFile:
     def __init__(self, path: Path, fingerprint: str, write: bool = True):
         self.path, self.fingerprint, self.write = path, fingerprint, write
         self.values: dict[int, tuple[float, float]] = {}
-        data = path.read_bytes() if path.is_file() else b""
-        whole = data[: data.rfind(b"\n") + 1]  # what follows the last newline is a torn line (or nothing)
-        for n, line in enumerate(whole.splitlines()):
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise TrainError(f"{path}:{n + 1}: not a JSON line; remove {path} to compute it again") from None
-            if n == 0:
-                if row.get("fingerprint") != fingerprint:
-                    raise TrainError(f"{path}: these reference log-probs were computed from other pairs, model or "
-                                     f"settings; remove {path.parent} to start again")
-                continue
+        rows = whole_rows(path, cut_torn=write, remove=path)
+        if rows and rows[0].get("fingerprint") != fingerprint:
+            raise TrainError(f"{path}: these reference log-probs were computed from other pairs, model or "
+                             f"settings; remove {path.parent} to start again")
+        for row in rows[1:]:
             self.values[row["i"]] = (row["c"], row["r"])
-        if write and not whole:
-            self._put((json.dumps({"fingerprint": fingerprint}) + "\n").encode(), "wb")
-        elif write and len(whole) != len(data):
-            with open(path, "r+b") as f:
-                f.truncate(len(whole))
-
-    def _put(self, data: bytes, mode: str) -> None:
-        with open(self.path, mode) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        if write and not rows:
+            append_synced(path, (json.dumps({"fingerprint": fingerprint}) + "\n").encode(), "wb")
 
     def add(self, index: list[int], chosen: list[float], rejected: list[float]) -> None:
         rows = [{"i": i, "c": c, "r": r} for i, c, r in zip(index, chosen, rejected)]
         for row in rows:
             self.values[row["i"]] = (row["c"], row["r"])
         if self.write:
-            self._put("".join(json.dumps(row) + "\n" for row in rows).encode(), "ab")
+            append_synced(self.path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 @torch.no_grad()
@@ -459,32 +469,14 @@ def _run_offline(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, dis
 
 def _read_online(path: Path, fingerprint: str) -> dict[int, dict]:
     """The steps ``online.jsonl`` holds, by step number; a torn last line is cut off (its step is
-    sampled and judged again), a first line from other settings refused."""
+    sampled and judged again), a line from other settings refused."""
     rows: dict[int, dict] = {}
-    if not path.is_file():
-        return rows
-    data = path.read_bytes()
-    whole = data[: data.rfind(b"\n") + 1]
-    for n, line in enumerate(whole.splitlines()):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise TrainError(f"{path}:{n + 1}: not a JSON line; remove {path.parent} to start again") from None
+    for n, row in enumerate(whole_rows(path, cut_torn=True, remove=path.parent)):
         if row.get("fingerprint") != fingerprint:
             raise TrainError(f"{path}:{n + 1}: written by a run with other prompts, model or settings; remove "
                              f"{path.parent} to start again, or restore what it was made with")
         rows[row["step"]] = row
-    if len(whole) != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(len(whole))
     return rows
-
-
-def _append_online(path: Path, row: dict) -> None:
-    with open(path, "ab") as f:
-        f.write((json.dumps(row) + "\n").encode())
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def online_pairs(matrix: list[list[float]], replies: list[str], soft: bool = True) -> list[tuple[int, int, float]]:
@@ -590,7 +582,8 @@ def _run_online(dc: DPOConfig, layout: RunLayout, allow_pickle: bool, echo, labe
             t_judge = time.time() - t0
             row = {"fingerprint": fingerprint, "step": step, "prompts": [prompts[i][1] for i in chosen_rows],
                    "samples": groups, "ids": id_groups, "labels": labels, "judge_calls": labeller.calls - before}
-            _append_online(folder.online, row)  # written before the update: a resumed run asks nobody again
+            # written before the update: a resumed run asks nobody again
+            append_synced(folder.online, (json.dumps(row) + "\n").encode())
             written[step] = row
         # 3. One DPO step on every labelled pair of this step's samples.
         t0 = time.time()
