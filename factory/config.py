@@ -157,8 +157,28 @@ class JudgeConfig(Strict):
         return self
 
 
-STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo", "dpo")
-Stage = Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo", "dpo"]
+class HeldoutConfig(Strict):
+    """The heldout stage: what the loop did to the model, on prompts no stage trained on."""
+
+    prompts: Path = Field(Path("seeds/heldout_prompts.jsonl"), description="JSONL of {'prompt': ...} that no stage "
+                          "of the run trains on (the shipped file is written apart from the seed tasks)")
+    limit: int | None = Field(48, ge=1, description="use only the first N prompts (none: all)")
+    axis: Literal["words", "lists"] = Field(
+        "words", description="what is measured on each reply: words = its length in words; lists = whether it has two "
+        "or more list lines (the share of replies in list form)")
+    models: Literal["auto"] | list[Literal["base", "sft", "dpo", "ppo"]] = Field(
+        "auto", description="who answers: base (the model the round starts from) and the trained models; auto = base "
+        "and every trainer among the run's stages (sft, dpo, ppo)")
+    kl: bool = Field(True, description="also the mean per-token KL of each trained model to the base, on its own "
+                     "replies (hf backends: both models loaded with torch)")
+    device: str = Field("auto", description="torch device of the KL pass")
+    params: GenParams = Field(GenParams(temperature=0.0, max_tokens=256), description="decoding: greedy, with room "
+                              "for length to move")
+
+
+STAGES = ("generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo", "dpo", "heldout")
+Stage = Literal["generate", "bootstrap", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo", "dpo",
+                "heldout"]
 POLICY_TRAINERS = ("ppo", "dpo")
 """the stages whose trained model is the next round's policy (PPO's when a run has both)"""
 
@@ -171,7 +191,7 @@ class RunConfig(Strict):
     backend: BackendConfig = BackendConfig()
     stages: list[Stage] = Field(
         ["generate"], description="stages to run, in order: generate, bootstrap, instances, critique, judge, "
-        "rerank, and the trainers sft, rm, ppo, dpo"
+        "rerank, the trainers sft, rm, ppo, dpo, and heldout (measure the trained models on held-out prompts)"
     )
     rounds: int = Field(
         1, ge=1, description="RLAIF rounds: after PPO (or DPO), the trained policy answers and revises the next round's "
@@ -192,6 +212,7 @@ class RunConfig(Strict):
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
     rerank: RerankConfig = RerankConfig()
+    heldout: HeldoutConfig = HeldoutConfig()
 
     @field_validator("name")
     @classmethod

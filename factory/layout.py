@@ -145,6 +145,12 @@ class RunLayout:
         return self.root / "rerank.jsonl"
 
     @property
+    def heldout(self) -> Path:
+        """the heldout stage's folder: each model's greedy replies to the held-out prompts, and
+        ``summary.json`` (the axis' mean per model)"""
+        return self.root / "heldout"
+
+    @property
     def report(self) -> Path:
         """the report's folder (index.html and one PNG per figure)"""
         return self.root / "report"

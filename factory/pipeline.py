@@ -36,6 +36,7 @@ STAGES: dict[str, str] = {
     "rm": "factory.train.reward",
     "ppo": "factory.train.ppo",
     "dpo": "factory.train.dpo",
+    "heldout": "factory.heldout",
 }
 """every stage by name, and the module that holds its ``STAGE`` (imported when a run lists it:
 a run without trainers never imports torch's training stack)"""
@@ -238,7 +239,7 @@ def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], 
             lazy[spec] = OnFirstCall(backends, spec)
         return lazy[spec]
 
-    ctx = Context(rcfg, layout, models, echo)
+    ctx = Context(rcfg, layout, models, echo, specs=specs, load=backends.get)
     results: list[StageSummary | dict] = []
     for st in stages:
         if st.trains:

@@ -63,6 +63,11 @@ class Context:
     """``models(role, lazy)``: the backend of ``role``; ``lazy=True`` loads it only on its first
     call (a stage that asks two models in turn never holds two engines at once)"""
     echo: Callable[[str], None] = print
+    specs: dict = field(default_factory=dict)
+    """the spec of each role's backend this round (``{"generator": ..., "judge": ...}``)"""
+    load: "Callable[[str], Backend] | None" = field(default=None, repr=False)
+    """``load(spec)``: any other model's backend, from the same pool (loading an engine lets the
+    live one go); the heldout stage answers with each trained model this way"""
 
     def model(self, role: Role = "generator", lazy: bool = False) -> "Backend":
         return self.models(role, lazy)
