@@ -20,8 +20,8 @@ from factory.layout import RunLayout
 from factory.records import Preference
 from factory.report_figures import Page, esc
 from factory.report_rounds import DATA_FILES, TRAINERS, RoundData, flip_rate, last
-from factory.report_sections import (bootstrap_section, critique_section, instances_section, judge_section, overview,
-                                     samples_only, training_sections)
+from factory.report_sections import (bootstrap_section, critique_section, heldout_section, instances_section,
+                                     judge_section, overview, samples_only, training_sections)
 
 
 def round_report(page: Page, rd: RoundData) -> None:
@@ -36,6 +36,7 @@ def round_report(page: Page, rd: RoundData) -> None:
             "judge draws": Counter(judge_section(page, rd, prefix))}
     samples_only(page, rd, "rerank")
     training_sections(page, rd, prefix)
+    heldout_section(page, rd, prefix)
     page.text("Principle usage", "h3")
     used = {k: c for k, c in used.items() if c}
     if used:

@@ -226,6 +226,21 @@ def sft_loss(rows: list[dict]) -> Figure:
     return fig
 
 
+def heldout(names: list[str], means: list[float], axis: str, prompts: int, degenerate: list[float]) -> Figure:
+    """The axis' mean on the held-out prompts, the base model first, then each trained model."""
+    fig = Figure(figsize=SINGLE)
+    ax = fig.add_subplot()
+    values = [100 * m for m in means] if axis == "lists" else means
+    bars = ax.bar(range(len(values)), values, color=["tab:gray"] + ["tab:blue"] * (len(values) - 1))
+    for bar, value, bad in zip(bars, values, degenerate):
+        ax.annotate(f"{value:.0f}" + (f"\n{100 * bad:.0f}% degenerate" if bad else ""),
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), [label(n) for n in names])
+    ax.set_ylabel("mean words per reply" if axis == "words" else "% of replies in list form")
+    ax.set_title(f"held-out replies ({prompts} prompts no stage trained on), greedy")
+    return fig
+
+
 def rounds(names: list[str], metrics: dict[str, list[float | None]]) -> Figure:
     """One small panel per metric, the rounds along x; a round without the metric is left out."""
     cols = 3

@@ -62,6 +62,11 @@ class RoundData:
         """Rounds after the first get round 1's tasks.jsonl as a copy; its rejections are round 1's."""
         return self.index > 1 and "instances" not in self.config.get("stages", ["instances"])
 
+    def heldout(self) -> dict | None:
+        """The heldout stage's summary.json (None when the stage has not run)."""
+        path = self.layout.heldout / "summary.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     def metrics(self, stage: str) -> list[dict]:
         return json_rows(self.trainer(stage).metrics)
 

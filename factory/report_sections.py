@@ -243,6 +243,28 @@ def training_sections(page: Page, rd: RoundData, prefix: str) -> None:
             ppo_samples(page, rd)
 
 
+def heldout_section(page: Page, rd: RoundData, prefix: str) -> None:
+    """What the loop did to the model on held-out prompts: the heldout stage's summary as a figure."""
+    page.text("Held-out prompts", "h3")
+    try:
+        summary = rd.heldout()
+        if summary is None:
+            page.not_run("heldout")
+            return
+        models = summary["models"]
+        names = list(models)
+        means = [float(models[n]["mean"]) for n in names]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        page.text(f"{rd.layout.heldout / 'summary.json'}: unreadable ({e})")
+        return
+    page.figure(f"{prefix}heldout.png",
+                figs.heldout(names, means, summary.get("axis", "words"), summary.get("prompts", 0),
+                             [float(models[n].get("degenerate") or 0) for n in names]),
+                summary.get("line", ""))
+    page.table(["model", "mean", "degenerate", "KL to base (nats/token)"],
+               [[n, models[n]["mean"], models[n].get("degenerate"), models[n].get("kl")] for n in names])
+
+
 def ppo_samples(page: Page, rd: RoundData) -> None:
     """The policy's greedy replies at the last eval, beside its replies to the same prompts at step 0."""
     rows = json_rows(rd.trainer("ppo").samples)

@@ -46,9 +46,10 @@ PPO_ROW = {"objective/kl": 0.02, "objective/entropy": 35.0, "objective/scores": 
 PPO_EVAL = {"eval/score": 0.1, "time/eval_s": 0.4}
 
 FULL_FIGURES = ["stage_counts", "rejections", "instruction_length", "seed_similarity", "verbs", "critique_rounds",
-                "judge_labels", "sft_loss", "rm_accuracy", "ppo_curves", "principles"]
+                "judge_labels", "sft_loss", "rm_accuracy", "ppo_curves", "heldout", "principles"]
 LATER_ROUND_FIGURES = ["stage_counts", "rejections", "critique_rounds", "judge_labels", "sft_loss", "rm_accuracy",
-                       "ppo_curves", "principles"]
+                       "ppo_curves", "heldout", "principles"]
+HELDOUT_LINE = "held-out replies (48 prompts no stage trained on): 74 words -> 41 words (ppo); constitution concise"
 
 
 def test_metric_keys_match_trainers():
@@ -171,6 +172,11 @@ def trainer_files(folder: Path, rm_accuracy: float, final_kl: float) -> None:
     samples = [{"step": s, "prompt": p, "response": f"reply at {s} {EVIL}", "score": 0.1 * s}
                for s in (0, 4) for p in INSTRUCTIONS[:2]]
     write_metrics(folder / "policy" / "samples.jsonl", samples)
+    (folder / "heldout").mkdir()
+    (folder / "heldout" / "summary.json").write_text(json.dumps({
+        "axis": "words", "prompts": 48, "constitution": "principles/concise.yaml", "line": HELDOUT_LINE,
+        "models": {"base": {"spec": "hf:embedded", "mean": 74.0, "words": 74.0, "degenerate": 0.0, "kl": None},
+                   "ppo": {"spec": "hf:x", "mean": 41.0, "words": 41.0, "degenerate": 0.02, "kl": 0.031}}}))
 
 
 def generate_and_rerank_files(folder: Path) -> None:
@@ -280,6 +286,7 @@ def test_full_run(full_report):
     assert "eval score start 0.100, eval score end 0.500" in page and "held-out accuracy 0.750" in page
     assert "seed file" not in page  # found and unchanged: no note
     assert "5 distinct leading verbs in 6 instructions" in page  # write x2, explain, give, list, script
+    assert html_escaped(HELDOUT_LINE) in page and "<td>ppo</td><td>41.000</td><td>0.020</td><td>0.031</td>" in page
 
 
 def html_escaped(text: str) -> str:
@@ -300,7 +307,7 @@ def test_bootstrap_only(seeded_dir):
                          "verbs.png"}
     assert_pngs_decode(out, pngs(out))
     page = index.read_text(encoding="utf-8")
-    assert not_run(page) == {"generate", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo",
+    assert not_run(page) == {"generate", "instances", "critique", "judge", "rerank", "sft", "rm", "ppo", "heldout",
                              "critique and judge"}
     for stage in ("instances", "critique", "judge", "sft", "rm", "ppo"):
         assert f"<td>{stage}</td><td>not run</td>" in page
@@ -373,7 +380,7 @@ def test_half_finished_run_without_manifest(seeded_dir):
                                   "ppo_curves.png", "principles.png"}
     assert "no readable manifest.json, so the seed files are unknown" in page
     assert "no pairs were judged" in page and "metrics.jsonl is empty" in page
-    assert not_run(page) == {"generate", "instances", "critique", "rerank", "sft"}
+    assert not_run(page) == {"generate", "instances", "critique", "rerank", "sft", "heldout"}
 
 
 def test_missing_or_empty_run_folder(seeded_dir):
