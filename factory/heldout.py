@@ -196,52 +196,62 @@ def run_heldout(ctx: Context) -> StageSummary:
     ids, prompts = [pid for pid, _ in pairs], [text for _, text in pairs]
     base_spec = ctx.specs.get("generator", cfg.backend.spec)
     kind = "vllm" if base_spec.startswith("vllm:") else "hf"
+    base_path = local_path(base_spec)
     layout.heldout.mkdir(parents=True, exist_ok=True)
     common = {"prompts": prompts, "params": hc.params.model_dump(mode="json"), "axis": hc.axis}
     results: dict[str, dict] = {}
     reused = 0
+
+    def wants_kl(name: str) -> bool:
+        return name != "base" and hc.kl and kind == "hf" and base_path is not None
+
+    # 1. Each model answers, one engine at a time; a model whose replies are there already is not loaded.
     for name in chosen_models(cfg):
         if name == "base":
-            spec, digest = base_spec, f"{base_spec} {local_path(base_spec) or ''}"
+            spec, digest = base_spec, f"{base_spec} {base_path or ''}"
         else:
             folder = model_folder(layout, name)
             spec, digest = f"{kind}:{folder}", weights_digest(folder)
-        settings = {**common, "model": digest, "kl": hc.kl}
+        settings = {**common, "model": digest, "kl": wants_kl(name)}
         path = layout.heldout / f"{name}.json"
         old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         if old is not None and old.get("settings") == settings:
             results[name] = old
-            reused += 1
+            reused += old["kl"] is not None or not wants_kl(name)
             continue
         backend = ctx.load(spec) if ctx.load is not None else ctx.model("generator")
         ctx.echo(f"heldout: {name} answers {len(prompts)} prompts ...")
         replies = answer(backend, prompts, hc.params)
-        kl = None
-        base_path = local_path(base_spec)
-        if name != "base" and hc.kl and kind == "hf" and base_path is not None:
-            kl = mean_kl(str(model_folder(layout, name)), base_path, prompts, replies, hc.device, cfg.allow_pickle)
         values = [axis_value(hc.axis, r) for r in replies]
-        record = {
+        results[name] = {
             "model": name, "spec": spec, "settings": settings,
             "mean": mean(values), "degenerate": mean([1.0 if degenerate(r) else 0.0 for r in replies]),
-            "words": mean([float(words(r)) for r in replies]), "kl": kl,
+            "words": mean([float(words(r)) for r in replies]), "kl": None,
             "replies": [{"id": i, "prompt": p, "reply": r, "value": v, "degenerate": degenerate(r)}
                         for i, p, r, v in zip(ids, prompts, replies, values)],
         }
-        write_atomic(path, json.dumps(record, ensure_ascii=False, indent=1) + "\n")
-        results[name] = record
+        write_atomic(path, json.dumps(results[name], ensure_ascii=False, indent=1) + "\n")
+    # 2. The KL passes load two models with torch: the engines go first.
+    todo = [name for name, record in results.items() if wants_kl(name) and record["kl"] is None]
+    if todo and ctx.release is not None:
+        ctx.release()
+    for name in todo:
+        record = results[name]
+        record["kl"] = mean_kl(str(model_folder(layout, name)), base_path, prompts,
+                               [r["reply"] for r in record["replies"]], hc.device, cfg.allow_pickle)
+        write_atomic(layout.heldout / f"{name}.json", json.dumps(record, ensure_ascii=False, indent=1) + "\n")
     summary = {
         "axis": hc.axis, "prompts": len(prompts), "constitution": str(cfg.critique.constitution),
         "models": {name: {k: r[k] for k in ("spec", "mean", "words", "degenerate", "kl")} for name, r in results.items()},
     }
-    line = headline(summary, cfg.stages)
+    line = headline(summary)
     summary["line"] = line
     write_atomic(layout.heldout / "summary.json", json.dumps(summary, indent=1) + "\n")
     return StageSummary(stage="heldout", total=len(results), skipped=reused, written=len(results) - reused,
                         output=layout.heldout / "summary.json", note=line)
 
 
-def headline(summary: dict, stages: Sequence[str]) -> str:
+def headline(summary: dict) -> str:
     """One sentence: the base model's mean on the axis, then each trained model's, last the policy."""
     models, axis = summary["models"], summary["axis"]
     steps = [f"{describe(axis, models['base']['mean'])}" if "base" in models else None]

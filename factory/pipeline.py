@@ -239,7 +239,7 @@ def run_round(cfg: RunConfig, r: int, backends: Backends, echo: Callable[[str], 
             lazy[spec] = OnFirstCall(backends, spec)
         return lazy[spec]
 
-    ctx = Context(rcfg, layout, models, echo, specs=specs, load=backends.get)
+    ctx = Context(rcfg, layout, models, echo, specs=specs, load=backends.get, release=backends.release)
     results: list[StageSummary | dict] = []
     for st in stages:
         if st.trains:

@@ -68,6 +68,8 @@ class Context:
     load: "Callable[[str], Backend] | None" = field(default=None, repr=False)
     """``load(spec)``: any other model's backend, from the same pool (loading an engine lets the
     live one go); the heldout stage answers with each trained model this way"""
+    release: "Callable[[], None] | None" = field(default=None, repr=False)
+    """let every loaded backend go (before a stage loads models of its own with torch)"""
 
     def model(self, role: Role = "generator", lazy: bool = False) -> "Backend":
         return self.models(role, lazy)
