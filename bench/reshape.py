@@ -42,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from factory.heldout import bootstrap, describe, mean  # noqa: E402
+from factory.heldout import axis_value, bootstrap, describe, mean  # noqa: E402
 from factory.seeds import load_seeds, task_prompt  # noqa: E402
 
 AXES = {"length": ("words", "concise", "detailed"), "format": ("lists", "prose", "lists")}
@@ -72,6 +72,25 @@ def div(a: float, b: float) -> float:
 
 def replies(work: Path, run: str, model: str) -> dict:
     return json.loads((work / run / "heldout" / f"{model}.json").read_text(encoding="utf-8"))
+
+
+def training_data(work: Path, run: str, read: str, sign: int) -> dict:
+    """What the optimisers learnt from, on the axis: first answers against revisions, and how often the
+    judge's chosen reply is the one the constitution should prefer (``sign``: +1 when more is wanted)."""
+    def rows(name: str) -> list[dict]:
+        path = work / run / name
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    revisions, prefs = rows("revisions.jsonl"), rows("preferences.jsonl")
+    first = [axis_value(read, r["initial"]) for r in revisions]
+    final = [axis_value(read, r["final"]) for r in revisions]
+    agree = [(axis_value(read, p["chosen"]) - axis_value(read, p["rejected"])) * sign for p in prefs]
+    decided = [a for a in agree if a != 0]
+    return {"first_answers": mean(first), "revisions": mean(final),
+            "revisions_moved_the_right_way": mean([1.0 if (b - a) * sign > 0 else 0.0 for a, b in zip(first, final)]),
+            "pairs": len(prefs), "mean_p_chosen": mean([p["p_chosen"] for p in prefs]),
+            "judge_agrees_with_axis": mean([1.0 if a > 0 else 0.0 for a in decided]),
+            "pairs_tied_on_axis": len(agree) - len(decided)}
 
 
 def main() -> int:
@@ -113,7 +132,7 @@ def main() -> int:
 
     tasks = [t for t in load_seeds(REPO / "seeds" / "seed_tasks.jsonl") if not t.is_classification]
     tasks = tasks[: args.train_prompts]
-    train = work / "train_prompts.jsonl"
+    train = work / f"train_prompts-{len(tasks)}.jsonl"
     text = "".join(json.dumps({"id": t.id, "prompt": task_prompt(t)}) + "\n" for t in tasks)
     if not train.is_file() or train.read_text(encoding="utf-8") != text:
         train.write_text(text, encoding="utf-8")
@@ -126,10 +145,11 @@ def main() -> int:
     with open(log_path, "a", encoding="utf-8") as log:
         stages = ["critique", "judge", "sft"] + (["dpo"] if "dpo" in paths else []) + (["rm", "ppo"] if "rl" in paths else [])
         measured = [PATHS[p] for p in paths]
+        # The base model's replies are the same for every axis: one run, read on each.
+        timings["base"] = factory_run(config, "base", sets + heldout + ['stages=["heldout"]', 'heldout.models=["base"]'],
+                                      log)
         for axis in axes:
             read, down, up = AXES[axis]
-            timings[f"base-{read}"] = factory_run(config, f"base-{read}", sets + heldout + [
-                'stages=["heldout"]', 'heldout.models=["base"]', f"heldout.axis={read}"], log)
             for name in (down, up):
                 constitution = REPO / "principles" / f"{name}.yaml"
                 timings[name] = factory_run(config, name, sets + heldout + [
@@ -142,17 +162,21 @@ def main() -> int:
                      "max_tokens": args.max_tokens, "paths": paths, "axes": {}, "seconds": timings, "total_seconds": total}
     for axis in axes:
         read, down, up = AXES[axis]
-        base = replies(work, f"base-{read}", "base")
+        base = replies(work, "base", "base")
         results["model"] = base["spec"]
-        b = [r["value"] for r in base["replies"]]
+        b = [axis_value(read, r["reply"]) for r in base["replies"]]
         out = {"measure": read, "down": down, "up": up, "base": {"mean": mean(b), "degenerate": base["degenerate"]},
                "paths": {}}
         print(f"\n{axis} ({read}): base model {describe(read, mean(b))}, "
               f"degenerate {100 * base['degenerate']:.0f}%, {len(b)} held-out prompts")
         for path in paths:
             lo_run, hi_run = replies(work, down, PATHS[path]), replies(work, up, PATHS[path])
-            lo = [r["value"] for r in lo_run["replies"]]
-            hi = [r["value"] for r in hi_run["replies"]]
+            if not [r["id"] for r in lo_run["replies"]] == [r["id"] for r in hi_run["replies"]] == [
+                    r["id"] for r in base["replies"]]:
+                raise SystemExit(f"{axis}/{path}: the runs answered different held-out prompts; rerun with the same "
+                                 "--heldout and --heldout-prompts")
+            lo = [axis_value(read, r["reply"]) for r in lo_run["replies"]]
+            hi = [axis_value(read, r["reply"]) for r in hi_run["replies"]]
             row: dict = {down: {"mean": mean(lo), "degenerate": lo_run["degenerate"], "kl": lo_run["kl"]},
                          up: {"mean": mean(hi), "degenerate": hi_run["degenerate"], "kl": hi_run["kl"]}}
             if read == "words":
@@ -179,6 +203,13 @@ def main() -> int:
             for path in paths:
                 if path != "sft":
                     out["paths"][path]["above_sft"] = out["paths"][path]["ratio"] > out["paths"]["sft"]["ratio"]
+        out["training_data"] = {name: training_data(work, name, read, sign) for name, sign in ((down, -1), (up, 1))}
+        for name, d in out["training_data"].items():
+            print(f"  {name} training data: first answers {describe(read, d['first_answers'])}, revisions "
+                  f"{describe(read, d['revisions'])} ({100 * d['revisions_moved_the_right_way']:.0f}% moved the way "
+                  f"{name} wants); {d['pairs']} judged pairs, mean p_chosen {d['mean_p_chosen']:.2f}, the judge's "
+                  f"chosen reply is the one {name} wants in {100 * d['judge_agrees_with_axis']:.0f}% "
+                  f"({d['pairs_tied_on_axis']} tied on the axis)")
         results["axes"][axis] = out
     print(f"\nmodel {results['model']}; {len(tasks)} training prompts; {args.heldout} held-out prompts, greedy, "
           f"{args.max_tokens} new tokens; took {total / 60:.1f} min (runs already done are not redone)")

@@ -124,12 +124,19 @@ def test_the_stage_measures_base_and_each_trained_model(tmp_path, tiny_model):
         values = [axis_value("lists", r["reply"]) for r in record["replies"]]
         assert record["mean"] == pytest.approx(sum(values) / 3) and record["kl"] is not None and record["kl"] >= 0
         assert record["spec"] == f"hf:{tmp_path / 'out' / 'held' / name / 'model'}"
-    # A rerun reuses every model's replies; a changed setting redoes them.
+    # A rerun reuses every model's replies, also to read them on another axis; a changed setting redoes them.
     again = CliRunner().invoke(cli, ["run", str(path), "--show", "0", "--no-report"])
     assert again.exit_code == 0 and "heldout: 0 written, 3 already done" in again.output, again.output
-    third = CliRunner().invoke(cli, ["run", str(path), "--show", "0", "--no-report", "--set", "heldout.axis=words"])
-    assert third.exit_code == 0 and "heldout: 3 written, 0 already done" in third.output, third.output
+    before = json.loads((folder / "dpo.json").read_text())["replies"]
+    words = CliRunner().invoke(cli, ["run", str(path), "--show", "0", "--no-report", "--set", "heldout.axis=words"])
+    assert words.exit_code == 0 and "heldout: 0 written, 3 already done" in words.output, words.output
+    after = json.loads((folder / "dpo.json").read_text())
+    assert [r["reply"] for r in after["replies"]] == [r["reply"] for r in before]
+    assert after["axis"] == "words" and [r["value"] for r in after["replies"]] == [len(r["reply"].split()) for r in before]
     assert "words" in json.loads((folder / "summary.json").read_text())["line"]
+    longer = CliRunner().invoke(cli, ["run", str(path), "--show", "0", "--no-report",
+                                      "--set", "heldout.params.max_tokens=9"])
+    assert longer.exit_code == 0 and "heldout: 3 written, 0 already done" in longer.output, longer.output
 
 
 def test_the_stage_says_which_trained_model_is_missing(tmp_path, tiny_model):
@@ -166,6 +173,9 @@ def test_the_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model):
             assert row[down]["kl"] >= 0 and row[up]["kl"] >= 0 and isinstance(row["met"], bool)
             assert len(row["ci"]) == 2
         assert "ratio" in out["paths"]["dpo"] if axis == "length" else "difference" in out["paths"]["dpo"]
+        for name in (down, up):  # what the optimisers learnt from, read from the run's own files
+            prefs = (work / name / "preferences.jsonl").read_text().splitlines()
+            assert out["training_data"][name]["pairs"] == len(prefs) > 0
     # Each constitution's run trained every path's model from its own critique and judge passes.
     for name in ("concise", "detailed", "prose", "lists"):
         run = work / name
