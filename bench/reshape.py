@@ -119,8 +119,9 @@ def main() -> int:
             ap.error(f"--axes: unknown axis {a!r}; expected length or format")
     config = Path(args.config).resolve()
     sets = list(args.sets)
-    if args.backend:
-        sets.append(f"backend.spec={args.backend}")
+    if args.backend:  # the base model answers, and the trainers start from it
+        model = args.backend.partition(":")[2]
+        sets += [f"backend.spec={args.backend}", f"sft.model={model}", f"rm.model={model}"]
     if args.work:
         sets.append(f"output_dir={Path(args.work).resolve()}")
         work = Path(args.work).resolve()
@@ -158,13 +159,14 @@ def main() -> int:
                     f"critique.prompts={train}", f"ppo.prompts={train}"], log)
     total = time.monotonic() - begin
 
-    results: dict = {"model": None, "train_prompts": len(tasks), "heldout_prompts": args.heldout,
+    results: dict = {"model": None, "train_prompts": len(tasks), "heldout_prompts": None,
                      "max_tokens": args.max_tokens, "paths": paths, "axes": {}, "seconds": timings, "total_seconds": total}
     for axis in axes:
         read, down, up = AXES[axis]
         base = replies(work, "base", "base")
         results["model"] = base["spec"]
         b = [axis_value(read, r["reply"]) for r in base["replies"]]
+        results["heldout_prompts"] = len(b)
         out = {"measure": read, "down": down, "up": up, "base": {"mean": mean(b), "degenerate": base["degenerate"]},
                "paths": {}}
         print(f"\n{axis} ({read}): base model {describe(read, mean(b))}, "
@@ -211,7 +213,7 @@ def main() -> int:
                   f"chosen reply is the one {name} wants in {100 * d['judge_agrees_with_axis']:.0f}% "
                   f"({d['pairs_tied_on_axis']} tied on the axis)")
         results["axes"][axis] = out
-    print(f"\nmodel {results['model']}; {len(tasks)} training prompts; {args.heldout} held-out prompts, greedy, "
+    print(f"\nmodel {results['model']}; {len(tasks)} training prompts; {results['heldout_prompts']} held-out prompts, greedy, "
           f"{args.max_tokens} new tokens; took {total / 60:.1f} min (runs already done are not redone)")
     target = Path(args.json) if args.json else work / "reshape.json"
     target.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -166,7 +166,7 @@ class HeldoutConfig(Strict):
     axis: Literal["words", "lists"] = Field(
         "words", description="what is measured on each reply: words = its length in words; lists = whether it has two "
         "or more list lines (the share of replies in list form)")
-    models: Literal["auto"] | list[Literal["base", "sft", "dpo", "ppo"]] = Field(
+    models: Literal["auto"] | Annotated[list[Literal["base", "sft", "dpo", "ppo"]], Field(min_length=1)] = Field(
         "auto", description="who answers: base (the model the round starts from) and the trained models; auto = base "
         "and every trainer among the run's stages (sft, dpo, ppo)")
     kl: bool = Field(True, description="also the mean per-token KL of each trained model to the base, on its own "

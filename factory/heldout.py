@@ -8,14 +8,17 @@ to move (256 new tokens by default). On each reply an objective, model-free axis
 - ``lists``: whether it is in list form (two or more lines that start with ``-``, ``*``, ``•`` or
   ``1.`` / ``1)``), so the mean is the share of replies in list form.
 
-Each reply is also flagged when it is degenerate (empty, under 5 words, or one word n-gram
-repeated over much of it), and each trained model's mean per-token KL to the base is computed
+Each reply is also flagged when it is degenerate (empty, under 5 words, or looping: word 3-grams
+said 4 times or more cover 30% of it), and each trained model's mean per-token KL to the base is computed
 exactly (over the whole vocabulary at every position of its own replies).
 
 ``heldout/<model>.json`` holds one model's replies, values and settings (written whole, atomically;
 a rerun with the same model weights, prompts and settings reuses it), and ``heldout/summary.json``
 the means. The stage's line says it in one sentence, e.g.
-``held-out replies (48 prompts no stage trained on): 74 -> 41 words (dpo, principles/concise.yaml)``.
+``held-out replies (48 prompts no stage trained on): 74 words -> 41 words (dpo); constitution concise``.
+The base is the model the round generates with (``backend.spec``, then each round's policy): the
+trainers should start from it (``sft.model``, ``dpo.model``, ``ppo.policy``), as they do by default
+with the embedded model.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING, Sequence
 from factory.atomic import write_atomic
 from factory.inputs import load_prompts
 from factory.records import file_sha256
+from factory.store import StoreError
 from factory.stage import Context, Need, Stage
 from factory.summary import StageSummary
 
@@ -73,16 +77,18 @@ def axis_value(axis: str, text: str) -> float:
 
 
 def degenerate(text: str) -> bool:
-    """Empty, under 5 words, or looping: one word 3-gram repeated at least 4 times, its
-    occurrences covering 30% or more of the reply's words."""
+    """Empty, under 5 words, or looping: the words covered by word 3-grams that occur 4 times or more
+    make up 30% or more of the reply (a phrase or a whole sentence said over and over)."""
     tokens = text.lower().split()
     if len(tokens) < MIN_WORDS:
         return True
-    grams = Counter(tuple(tokens[i : i + REPEAT_N]) for i in range(len(tokens) - REPEAT_N + 1))
-    if not grams:
-        return False
-    times = grams.most_common(1)[0][1]
-    return times >= REPEAT_TIMES and times * REPEAT_N >= REPEAT_SHARE * len(tokens)
+    grams = [tuple(tokens[i : i + REPEAT_N]) for i in range(len(tokens) - REPEAT_N + 1)]
+    counts = Counter(grams)
+    covered: set[int] = set()
+    for i, gram in enumerate(grams):
+        if counts[gram] >= REPEAT_TIMES:
+            covered.update(range(i, i + REPEAT_N))
+    return len(covered) >= REPEAT_SHARE * len(tokens)
 
 
 def describe(axis: str, value: float) -> str:
@@ -201,6 +207,15 @@ def measured(record: dict, axis: str) -> dict:
     }
 
 
+def read_record(path: Path) -> dict | None:
+    """A model's earlier replies, or None when there are none or the file is unreadable (answered again)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("replies"), list) else None
+
+
 def run_heldout(ctx: Context) -> StageSummary:
     cfg, layout = ctx.cfg, ctx.layout
     hc = cfg.heldout
@@ -209,8 +224,12 @@ def run_heldout(ctx: Context) -> StageSummary:
     base_spec = ctx.specs.get("generator", cfg.backend.spec)
     kind = "vllm" if base_spec.startswith("vllm:") else "hf"
     base_path = local_path(base_spec)
+    # The base stands for its weights when they are a local folder (round 2's base is round 1's policy).
+    base_digest = f"{base_spec} " + (weights_digest(Path(base_path)) if base_path and Path(base_path).is_dir()
+                                     else str(base_path or ""))
     layout.heldout.mkdir(parents=True, exist_ok=True)
-    common = {"prompts": prompts, "params": hc.params.model_dump(mode="json")}  # the replies do not depend on the axis
+    # The replies depend on the model, the prompts and the decoding, not on the axis or the KL.
+    common = {"prompts": prompts, "params": hc.params.model_dump(mode="json")}
     results: dict[str, dict] = {}
     reused = 0
 
@@ -220,20 +239,24 @@ def run_heldout(ctx: Context) -> StageSummary:
     # 1. Each model answers, one engine at a time; a model whose replies are there already is not loaded.
     for name in chosen_models(cfg):
         if name == "base":
-            spec, digest = base_spec, f"{base_spec} {base_path or ''}"
+            spec, digest = base_spec, base_digest
         else:
             folder = model_folder(layout, name)
             spec, digest = f"{kind}:{folder}", weights_digest(folder)
-        settings = {**common, "model": digest, "kl": wants_kl(name)}
+        settings = {**common, "model": digest}
         path = layout.heldout / f"{name}.json"
-        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        old = read_record(path)
         if old is not None and old.get("settings") == settings:
             if old.get("axis") != hc.axis:  # the same replies, read on another axis
                 old = measured(old, hc.axis)
                 write_atomic(path, json.dumps(old, ensure_ascii=False, indent=1) + "\n")
+            if not wants_kl(name):
+                old["kl"] = None
             results[name] = old
-            reused += old["kl"] is not None or not wants_kl(name)
+            reused += not wants_kl(name) or old.get("kl_base") == base_digest
             continue
+        if name != "base" and ctx.load is None:
+            raise RuntimeError("the heldout stage needs Context.load to answer with a trained model")
         backend = ctx.load(spec) if ctx.load is not None else ctx.model("generator")
         ctx.echo(f"heldout: {name} answers {len(prompts)} prompts ...")
         replies = answer(backend, prompts, hc.params)
@@ -242,14 +265,15 @@ def run_heldout(ctx: Context) -> StageSummary:
             "replies": [{"id": i, "prompt": p, "reply": r} for i, p, r in zip(ids, prompts, replies)],
         }, hc.axis)
         write_atomic(path, json.dumps(results[name], ensure_ascii=False, indent=1) + "\n")
-    # 2. The KL passes load two models with torch: the engines go first.
-    todo = [name for name, record in results.items() if wants_kl(name) and record["kl"] is None]
+    # 2. The KL passes load two models with torch: the engines go first. A KL is kept while its base is the same.
+    todo = [name for name, record in results.items() if wants_kl(name) and record.get("kl_base") != base_digest]
     if todo and ctx.release is not None:
         ctx.release()
     for name in todo:
         record = results[name]
         record["kl"] = mean_kl(str(model_folder(layout, name)), base_path, prompts,
                                [r["reply"] for r in record["replies"]], hc.device, cfg.allow_pickle)
+        record["kl_base"] = base_digest
         write_atomic(layout.heldout / f"{name}.json", json.dumps(record, ensure_ascii=False, indent=1) + "\n")
     summary = {
         "axis": hc.axis, "prompts": len(prompts), "constitution": str(cfg.critique.constitution),
@@ -291,7 +315,8 @@ class Heldout(Stage):
         return [layout.heldout]
 
     def check(self, cfg) -> None:
-        load_prompts(cfg.heldout.prompts, None, Path())
+        if not load_prompts(cfg.heldout.prompts, None, Path()):
+            raise StoreError(f"{cfg.heldout.prompts}: no prompts (expected JSONL lines of {{\"prompt\": ...}})")
 
     def run(self, ctx: Context) -> StageSummary:
         return run_heldout(ctx)

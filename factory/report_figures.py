@@ -227,11 +227,11 @@ def sft_loss(rows: list[dict]) -> Figure:
 
 
 def heldout(names: list[str], means: list[float], axis: str, prompts: int, degenerate: list[float]) -> Figure:
-    """The axis' mean on the held-out prompts, the base model first, then each trained model."""
+    """The axis' mean on the held-out prompts of each model, in ``heldout.models`` order (the base in grey)."""
     fig = Figure(figsize=SINGLE)
     ax = fig.add_subplot()
     values = [100 * m for m in means] if axis == "lists" else means
-    bars = ax.bar(range(len(values)), values, color=["tab:gray"] + ["tab:blue"] * (len(values) - 1))
+    bars = ax.bar(range(len(values)), values, color=["tab:gray" if n == "base" else "tab:blue" for n in names])
     for bar, value, bad in zip(bars, values, degenerate):
         ax.annotate(f"{value:.0f}" + (f"\n{100 * bad:.0f}% degenerate" if bad else ""),
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)

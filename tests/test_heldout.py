@@ -39,6 +39,9 @@ def test_degenerate_replies():
     assert degenerate("") and degenerate("Yes, of course.")  # empty, under 5 words
     assert degenerate("I am sorry. " * 20)
     assert degenerate("Start here: " + "and then the " * 6 + "and so on until it ends now.")
+    sentence = "Water boils at a lower temperature on a mountain because the air is thinner. "
+    assert degenerate("Here is why. " + sentence * 5 + "It takes longer to cook pasta there, so plan for it, "
+                      "and keep the lid on the pot to save fuel and time while you wait for it.")
     prose = ("Soak the beans overnight, then simmer them with an onion and a bay leaf until soft. "
              "Season at the end, because salt added early can keep the skins tough.")
     assert not degenerate(prose)
@@ -134,9 +137,30 @@ def test_the_stage_measures_base_and_each_trained_model(tmp_path, tiny_model):
     assert [r["reply"] for r in after["replies"]] == [r["reply"] for r in before]
     assert after["axis"] == "words" and [r["value"] for r in after["replies"]] == [len(r["reply"].split()) for r in before]
     assert "words" in json.loads((folder / "summary.json").read_text())["line"]
+    # New weights in dpo/model (trained again): only dpo answers again.
+    from safetensors.torch import load_file, save_file
+
+    weights = folder.parent / "dpo" / "model" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    retrained = CliRunner().invoke(cli, ["run", str(path), "--show", "0", "--no-report", "--set", "heldout.axis=words"])
+    assert retrained.exit_code == 0 and "heldout: 1 written, 2 already done" in retrained.output, retrained.output
     longer = CliRunner().invoke(cli, ["run", str(path), "--show", "0", "--no-report",
                                       "--set", "heldout.params.max_tokens=9"])
     assert longer.exit_code == 0 and "heldout: 3 written, 0 already done" in longer.output, longer.output
+
+
+def test_an_empty_prompts_file_is_refused_before_any_model_loads(tmp_path, tiny_model):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    config = {"name": "x", "output_dir": str(tmp_path / "out"), "stages": ["heldout"],
+              "backend": {"spec": f"hf:{tiny_model}", "device": "cpu"}, "heldout": {"prompts": str(empty)}}
+    path = tmp_path / "x.json.yaml"
+    path.write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["run", str(path)])
+    assert result.exit_code == 2 and f"{empty}: no prompts" in result.output, result.output
 
 
 def test_the_stage_says_which_trained_model_is_missing(tmp_path, tiny_model):
@@ -153,7 +177,7 @@ def test_the_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model):
     """bench/reshape.py's plumbing: every path, both axes, a handful of prompts (the text is noise)."""
     work = tmp_path / "work"
     sets = ["backend.device=cpu", "backend.batch_size=16", "critique.params.max_tokens=6",
-            f"sft.model={tiny_model}", f"rm.model={tiny_model}", "sft.epochs=1", "dpo.epochs=1", "rm.epochs=1",
+            "sft.epochs=1", "dpo.epochs=1", "rm.epochs=1",
             "sft.max_length=128", "dpo.max_length=128", "rm.max_length=128", "sft.batch_size=2", "dpo.batch_size=2",
             "rm.batch_size=2", "sft.device=cpu", "dpo.device=cpu", "rm.device=cpu", "ppo.device=cpu", "ppo.steps=1",
             "ppo.batch_size=2", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1", "ppo.response_length=6",

@@ -39,7 +39,8 @@ from factory.config import RunConfig
 def run(config, overrides, backend, name, allow_pickle, trust_remote_code, rounds, show, make_report):
     """Run the stages CONFIG names (TOML or YAML), in order, in one run folder.
 
-    The whole loop is bootstrap -> instances -> critique -> judge -> rm -> ppo; a config
+    The whole loop is bootstrap -> instances -> critique -> judge -> rm -> ppo (or sft -> dpo),
+    and heldout then measures the trained models on prompts no stage trained on; a config
     names the stages it wants in its `stages` list. Rerunning a finished or interrupted
     run does only the missing work.
 
