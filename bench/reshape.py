@@ -70,6 +70,12 @@ def div(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def cut_share(record: dict, tok, max_tokens: int) -> float:
+    """Share of a model's replies that ran to the token budget (re-tokenised: within 2 tokens of it)."""
+    n = [len(tok(r["reply"], add_special_tokens=False)["input_ids"]) for r in record["replies"]]
+    return mean([1.0 if k >= max_tokens - 2 else 0.0 for k in n])
+
+
 def replies(work: Path, run: str, model: str) -> dict:
     return json.loads((work / run / "heldout" / f"{model}.json").read_text(encoding="utf-8"))
 
@@ -161,16 +167,22 @@ def main() -> int:
 
     results: dict = {"model": None, "train_prompts": len(tasks), "heldout_prompts": None,
                      "max_tokens": args.max_tokens, "paths": paths, "axes": {}, "seconds": timings, "total_seconds": total}
+    tok = None
     for axis in axes:
         read, down, up = AXES[axis]
         base = replies(work, "base", "base")
         results["model"] = base["spec"]
+        if tok is None:
+            from factory.llm.embedded import resolve_model
+            from factory.train.models import load_tokenizer
+
+            tok = load_tokenizer(resolve_model(base["spec"].partition(":")[2], "hf")[0])
         b = [axis_value(read, r["reply"]) for r in base["replies"]]
         results["heldout_prompts"] = len(b)
-        out = {"measure": read, "down": down, "up": up, "base": {"mean": mean(b), "degenerate": base["degenerate"]},
-               "paths": {}}
-        print(f"\n{axis} ({read}): base model {describe(read, mean(b))}, "
-              f"degenerate {100 * base['degenerate']:.0f}%, {len(b)} held-out prompts")
+        out = {"measure": read, "down": down, "up": up, "paths": {},
+               "base": {"mean": mean(b), "degenerate": base["degenerate"], "cut": cut_share(base, tok, args.max_tokens)}}
+        print(f"\n{axis} ({read}): base model {describe(read, mean(b))}, degenerate {100 * base['degenerate']:.0f}%, "
+              f"{100 * out['base']['cut']:.0f}% run to the {args.max_tokens}-token budget; {len(b)} held-out prompts")
         for path in paths:
             lo_run, hi_run = replies(work, down, PATHS[path]), replies(work, up, PATHS[path])
             if not [r["id"] for r in lo_run["replies"]] == [r["id"] for r in hi_run["replies"]] == [
@@ -179,8 +191,9 @@ def main() -> int:
                                  "--heldout and --heldout-prompts")
             lo = [axis_value(read, r["reply"]) for r in lo_run["replies"]]
             hi = [axis_value(read, r["reply"]) for r in hi_run["replies"]]
-            row: dict = {down: {"mean": mean(lo), "degenerate": lo_run["degenerate"], "kl": lo_run["kl"]},
-                         up: {"mean": mean(hi), "degenerate": hi_run["degenerate"], "kl": hi_run["kl"]}}
+            row: dict = {name: {"mean": mean(v), "degenerate": run["degenerate"], "kl": run["kl"],
+                                "cut": cut_share(run, tok, args.max_tokens)}
+                         for name, v, run in ((down, lo, lo_run), (up, hi, hi_run))}
             if read == "words":
                 est, ci_lo, ci_hi = bootstrap(hi, lo, "ratio")
                 row |= {"vs_base": {down: div(mean(lo), mean(b)), up: div(mean(hi), mean(b))},
@@ -200,6 +213,7 @@ def main() -> int:
             kl = "/".join("-" if r["kl"] is None else f"{r['kl']:.3f}" for r in (lo_run, hi_run))
             print(f"  {path:4s} {down} {describe(read, mean(lo))}, {up} {describe(read, mean(hi))}; {effect}; "
                   f"degenerate {100 * lo_run['degenerate']:.0f}%/{100 * hi_run['degenerate']:.0f}%; "
+                  f"at the budget {100 * row[down]['cut']:.0f}%/{100 * row[up]['cut']:.0f}%; "
                   f"KL to base {kl} nats/token; target {'met' if row['met'] else 'missed'}")
         if read == "words" and "sft" in paths:
             for path in paths:

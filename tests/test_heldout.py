@@ -195,6 +195,7 @@ def test_the_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model):
         assert set(out["paths"]) == {"sft", "dpo", "rl"}
         for row in out["paths"].values():
             assert row[down]["kl"] >= 0 and row[up]["kl"] >= 0 and isinstance(row["met"], bool)
+            assert 0 <= row[down]["cut"] <= 1 and 0 <= row[up]["cut"] <= 1
             assert len(row["ci"]) == 2
         assert "ratio" in out["paths"]["dpo"] if axis == "length" else "difference" in out["paths"]["dpo"]
         for name in (down, up):  # what the optimisers learnt from, read from the run's own files
