@@ -30,11 +30,7 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
 
 def test_demo_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.toml")
-    assert cfg.stages == ["bootstrap", "instances", "critique", "judge", "sft", "dpo", "heldout"]
-    assert cfg.backend.spec == "hf:embedded" and cfg.critique.constitution == cfg.judge.constitution
-    assert cfg.heldout.axis == "words" and cfg.heldout.limit == 48 and cfg.heldout.params.max_tokens == 256
-    rlhf = load_config(Path(__file__).parents[1] / "configs" / "rlhf.toml")
-    assert rlhf.stages == ["bootstrap", "instances", "critique", "judge", "rm", "ppo"]
+    assert cfg.stages == ["bootstrap", "instances", "critique", "judge", "rm", "ppo"] and cfg.backend.spec == "hf:embedded"
 
 
 def test_unknown_key_names_the_path(tmp_path):
