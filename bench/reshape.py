@@ -80,6 +80,23 @@ def replies(work: Path, run: str, model: str) -> dict:
     return json.loads((work / run / "heldout" / f"{model}.json").read_text(encoding="utf-8"))
 
 
+def preference_file(run: Path, which: str) -> Path:
+    """Pairs for DPO and the reward model in factory's preference format: each final revision preferred
+    over its first answer (p = 1), with the judge's pairs too for ``both``."""
+    from factory.records import Preference, PreferencePair
+    from factory.store import read_jsonl
+
+    out = [Preference(key=f"revision:{p.key}", prompt=p.prompt, messages=[{"role": "user", "content": p.prompt}],
+                      chosen=p.chosen, rejected=p.rejected, p_chosen=1.0, margin=1.0, judge_model="revision",
+                      source=p.source)
+           for p in read_jsonl(run / "critique_pairs.jsonl", PreferencePair) if p.chosen != p.rejected]
+    if which == "both":
+        out += read_jsonl(run / "preferences.jsonl", Preference)
+    path = run / f"pairs-{which}.jsonl"
+    path.write_text("".join(p.model_dump_json() + "\n" for p in out), encoding="utf-8")
+    return path
+
+
 def training_data(work: Path, run: str, read: str, sign: int) -> dict:
     """What the optimisers learnt from, on the axis: first answers against revisions, and how often the
     judge's chosen reply is the one the constitution should prefer (``sign``: +1 when more is wanted)."""
@@ -110,6 +127,9 @@ def main() -> int:
     ap.add_argument("--heldout", type=int, default=48, help="held-out prompts answered (default 48)")
     ap.add_argument("--heldout-prompts", default=str(REPO / "seeds" / "heldout_prompts.jsonl"))
     ap.add_argument("--max-tokens", type=int, default=256, help="new tokens per held-out reply (default 256)")
+    ap.add_argument("--pairs", choices=("judge", "revisions", "both"), default="judge",
+                    help="what DPO and the reward model learn from: the judge's pairs (preferences.jsonl), each final "
+                         "revision preferred over its first answer (critique_pairs.jsonl, p = 1), or both")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (repeatable)")
     ap.add_argument("--json", default=None, help="write the results here (default: WORK/reshape.json)")
@@ -159,10 +179,16 @@ def main() -> int:
             read, down, up = AXES[axis]
             for name in (down, up):
                 constitution = REPO / "principles" / f"{name}.yaml"
-                timings[name] = factory_run(config, name, sets + heldout + [
+                data = [f"critique.constitution={constitution}", f"judge.constitution={constitution}",
+                        f"critique.prompts={train}"]
+                pairs = []
+                if args.pairs != "judge":  # the pairs file is made from the critique's output: that runs first
+                    factory_run(config, name, sets + data + ['stages=["critique", "judge"]'], log)
+                    made = preference_file(work / name, args.pairs)
+                    pairs = [f"dpo.pairs={made}", f"rm.pairs={made}"]
+                timings[name] = factory_run(config, name, sets + heldout + data + pairs + [
                     f"stages={json.dumps(stages + ['heldout'])}", f"heldout.models={json.dumps(measured)}",
-                    f"heldout.axis={read}", f"critique.constitution={constitution}", f"judge.constitution={constitution}",
-                    f"critique.prompts={train}", f"ppo.prompts={train}"], log)
+                    f"heldout.axis={read}", f"ppo.prompts={train}"], log)
     total = time.monotonic() - begin
 
     results: dict = {"model": None, "train_prompts": len(tasks), "heldout_prompts": None,

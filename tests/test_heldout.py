@@ -211,3 +211,26 @@ def test_the_benchmark_runs_end_to_end_on_the_tiny_model(tmp_path, tiny_model):
         assert list(summary["models"]) == ["sft", "dpo", "ppo"]
         assert all(not math.isnan(m["mean"]) for m in summary["models"].values())
     assert "length (words): base model" in proc.stdout and "format (lists): base model" in proc.stdout
+
+
+def test_the_benchmark_can_train_on_revision_pairs(tmp_path):
+    """--pairs revisions: each final revision preferred over its first answer (p = 1), in the format DPO reads."""
+    import importlib.util
+
+    from factory.records import Preference, PreferencePair
+    from factory.store import read_jsonl
+
+    spec = importlib.util.spec_from_file_location("reshape_bench", REPO / "bench" / "reshape.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pairs = [PreferencePair(key="a", prompt="Name a tree.", chosen="Oak.", rejected="Well, an oak is one.", source="a"),
+             PreferencePair(key="b", prompt="Say hi.", chosen="Hi.", rejected="Hi.", source="b")]  # unchanged: dropped
+    (tmp_path / "critique_pairs.jsonl").write_text("".join(p.model_dump_json() + "\n" for p in pairs))
+    judged = Preference(key="j", prompt="Name a tree.", messages=[{"role": "user", "content": "Name a tree."}],
+                        chosen="Well, an oak is one.", rejected="Oak.", p_chosen=0.6, margin=0.2, judge_model="m", source="j")
+    (tmp_path / "preferences.jsonl").write_text(judged.model_dump_json() + "\n")
+    revisions = read_jsonl(bench.preference_file(tmp_path, "revisions"), Preference)
+    assert [(p.chosen, p.rejected, p.p_chosen, p.messages) for p in revisions] == [
+        ("Oak.", "Well, an oak is one.", 1.0, [{"role": "user", "content": "Name a tree."}])]
+    both = read_jsonl(bench.preference_file(tmp_path, "both"), Preference)
+    assert [p.p_chosen for p in both] == [1.0, 0.6]
