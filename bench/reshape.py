@@ -83,15 +83,16 @@ def replies(work: Path, run: str, model: str) -> dict:
 def preference_file(run: Path, which: str) -> Path:
     """Pairs for DPO and the reward model in factory's preference format: each final revision preferred
     over its first answer (p = 1), with the judge's pairs too for ``both``."""
+    from factory.layout import RunLayout
     from factory.records import Preference, PreferencePair
     from factory.store import read_jsonl
 
     out = [Preference(key=f"revision:{p.key}", prompt=p.prompt, messages=[{"role": "user", "content": p.prompt}],
                       chosen=p.chosen, rejected=p.rejected, p_chosen=1.0, margin=1.0, judge_model="revision",
                       source=p.source)
-           for p in read_jsonl(run / "critique_pairs.jsonl", PreferencePair) if p.chosen != p.rejected]
+           for p in read_jsonl(RunLayout(run).critique_pairs, PreferencePair) if p.chosen != p.rejected]
     if which == "both":
-        out += read_jsonl(run / "preferences.jsonl", Preference)
+        out += read_jsonl(RunLayout(run).preferences, Preference)
     path = run / f"pairs-{which}.jsonl"
     path.write_text("".join(p.model_dump_json() + "\n" for p in out), encoding="utf-8")
     return path
@@ -100,18 +101,19 @@ def preference_file(run: Path, which: str) -> Path:
 def training_data(work: Path, run: str, read: str, sign: int) -> dict:
     """What the optimisers learnt from, on the axis: first answers against revisions, and how often the
     judge's chosen reply is the one the constitution should prefer (``sign``: +1 when more is wanted)."""
-    def rows(name: str) -> list[dict]:
-        path = work / run / name
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from factory.layout import RunLayout
+    from factory.records import Preference, Revision
+    from factory.store import read_jsonl
 
-    revisions, prefs = rows("revisions.jsonl"), rows("preferences.jsonl")
-    first = [axis_value(read, r["initial"]) for r in revisions]
-    final = [axis_value(read, r["final"]) for r in revisions]
-    agree = [(axis_value(read, p["chosen"]) - axis_value(read, p["rejected"])) * sign for p in prefs]
+    layout = RunLayout(work / run)
+    revisions, prefs = read_jsonl(layout.revisions, Revision), read_jsonl(layout.preferences, Preference)
+    first = [axis_value(read, r.initial) for r in revisions]
+    final = [axis_value(read, r.final) for r in revisions]
+    agree = [(axis_value(read, p.chosen) - axis_value(read, p.rejected)) * sign for p in prefs]
     decided = [a for a in agree if a != 0]
     return {"first_answers": mean(first), "revisions": mean(final),
             "revisions_moved_the_right_way": mean([1.0 if (b - a) * sign > 0 else 0.0 for a, b in zip(first, final)]),
-            "pairs": len(prefs), "mean_p_chosen": mean([p["p_chosen"] for p in prefs]),
+            "pairs": len(prefs), "mean_p_chosen": mean([p.p_chosen for p in prefs]),
             "judge_agrees_with_axis": mean([1.0 if a > 0 else 0.0 for a in decided]),
             "pairs_tied_on_axis": len(agree) - len(decided)}
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
 
 from factory.config import load_config
 from factory.critique import run_critique
+from factory.heldout import bootstrap, words
 from factory.llm import load_backend
 from factory.records import Revision
 from factory.seeds import load_seeds, task_prompt
@@ -28,24 +28,6 @@ from factory.store import read_jsonl
 from factory.layout import RunLayout
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def words(text: str) -> int:
-    return len(text.split())
-
-
-def bootstrap_ratio(a: list[int], b: list[int], rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(a)/mean(b), resampling prompts (pairs) with replacement."""
-    rng = random.Random(seed)
-    n = len(a)
-    ratios = []
-    for _ in range(rounds):
-        idx = [rng.randrange(n) for _ in range(n)]
-        den = sum(b[i] for i in idx)
-        if den:
-            ratios.append(sum(a[i] for i in idx) / den)
-    ratios.sort()
-    return ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
 
 
 def main() -> int:
@@ -80,7 +62,7 @@ def main() -> int:
     concise, detailed = lengths["concise"], lengths["detailed"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     ratio = mean(detailed) / mean(concise)
-    lo, hi = bootstrap_ratio(detailed, concise)
+    _, lo, hi = bootstrap(detailed, concise, "ratio")
     print(f"model: {backend.model_id}; {len(tasks)} prompts; one round; max {args.max_tokens} new tokens")
     print(f"mean words, first answers:            {mean(first):7.1f}")
     print(f"mean words, final under 'concise':    {mean(concise):7.1f}")

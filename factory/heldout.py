@@ -255,9 +255,12 @@ def run_heldout(ctx: Context) -> StageSummary:
             results[name] = old
             reused += not wants_kl(name) or old.get("kl_base") == base_digest
             continue
-        if name != "base" and ctx.load is None:
+        if name == "base":
+            backend = ctx.model("generator")
+        elif ctx.load is None:
             raise RuntimeError("the heldout stage needs Context.load to answer with a trained model")
-        backend = ctx.load(spec) if ctx.load is not None else ctx.model("generator")
+        else:
+            backend = ctx.load(spec)
         ctx.echo(f"heldout: {name} answers {len(prompts)} prompts ...")
         replies = answer(backend, prompts, hc.params)
         results[name] = measured({
