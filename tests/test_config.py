@@ -30,7 +30,11 @@ def test_toml_and_yaml_give_the_same_config(tmp_path):
 
 def test_demo_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "configs" / "demo.toml")
-    assert cfg.stages == ["bootstrap", "instances", "critique", "judge", "rm", "ppo"] and cfg.backend.spec == "hf:embedded"
+    assert cfg.stages == ["bootstrap", "instances", "critique", "judge", "sft", "heldout"]
+    assert cfg.backend.spec == "hf:embedded" and cfg.critique.constitution == cfg.judge.constitution
+    assert cfg.heldout.axis == "words" and cfg.heldout.limit == 32 and cfg.heldout.params.max_tokens == 192
+    rlhf = load_config(Path(__file__).parents[1] / "configs" / "rlhf.toml")
+    assert rlhf.stages == ["bootstrap", "instances", "critique", "judge", "rm", "ppo"]
 
 
 def test_unknown_key_names_the_path(tmp_path):

@@ -120,6 +120,7 @@ def test_the_stage_measures_base_and_each_trained_model(tmp_path, tiny_model):
     summary = json.loads((folder / "summary.json").read_text())
     assert list(summary["models"]) == ["base", "sft", "dpo"] and summary["prompts"] == 3
     assert summary["line"] in result.output and "held-out replies (3 prompts" in summary["line"]
+    assert result.output.rstrip().splitlines()[-1] == summary["line"]  # `factory run` ends with it
     base = json.loads((folder / "base.json").read_text())
     assert [r["id"] for r in base["replies"]] == ["h0", "h1", "h2"] and base["kl"] is None
     for name in ("sft", "dpo"):

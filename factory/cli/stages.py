@@ -63,6 +63,9 @@ def run(config, overrides, backend, name, allow_pickle, trust_remote_code, round
         from factory.report import build_report
 
         click.echo(f"report: {build_report(cfg.run_dir)}")
+    measured = [s for s in summaries if getattr(s, "stage", None) == "heldout"]
+    if measured:  # the run ends with what the loop did to the model (the last round's)
+        click.echo(measured[-1].note)
     check_failures(summaries, cfg.run_dir)
 
 
