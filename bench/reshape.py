@@ -87,12 +87,13 @@ def preference_file(run: Path, which: str) -> Path:
     from factory.records import Preference, PreferencePair
     from factory.store import read_jsonl
 
+    layout = RunLayout(run)
     out = [Preference(key=f"revision:{p.key}", prompt=p.prompt, messages=[{"role": "user", "content": p.prompt}],
                       chosen=p.chosen, rejected=p.rejected, p_chosen=1.0, margin=1.0, judge_model="revision",
                       source=p.source)
-           for p in read_jsonl(RunLayout(run).critique_pairs, PreferencePair) if p.chosen != p.rejected]
+           for p in read_jsonl(layout.critique_pairs, PreferencePair) if p.chosen != p.rejected]
     if which == "both":
-        out += read_jsonl(RunLayout(run).preferences, Preference)
+        out += read_jsonl(layout.preferences, Preference)
     path = run / f"pairs-{which}.jsonl"
     path.write_text("".join(p.model_dump_json() + "\n" for p in out), encoding="utf-8")
     return path
